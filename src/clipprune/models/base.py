@@ -1,0 +1,198 @@
+"""One interface over CLIP families (open_clip, transformers) for each tower.
+
+A ``ClipModel`` wraps the underlying ``nn.Module`` and exposes, per tower ("vision", "text"), the list of
+transformer blocks with their shapes and two hook points per block:
+
+* ``context_module(i)``: a module whose forward *input* is the attention context (batch, tokens,
+  heads*head_dim), before the output projection. A head mask scales each head's slice of that input.
+* ``mlp_out_module(i)``: the second MLP linear; a neuron mask scales its input.
+
+Either may be ``None`` for a block whose attention / MLP sub-block was pruned away entirely.
+"""
+from __future__ import annotations
+
+import copy as _copy
+from dataclasses import dataclass, asdict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+TOWERS = ("vision", "text")
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """Shapes of one transformer block as it is now (after pruning widths may differ per block)."""
+
+    index: int
+    num_heads: int  # heads currently present (0 = attention sub-block dropped)
+    head_dim: int
+    hidden: int  # residual width d
+    ffn_dim: int  # MLP neurons currently present (0 = MLP sub-block dropped)
+    tokens: int  # sequence length s used by the MAC model
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tower:
+    """One encoder tower. Subclasses fill in how to reach a block's hook points."""
+
+    name: str
+    tokens: int
+
+    def blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def block_view(self, i: int) -> BlockView:
+        raise NotImplementedError
+
+    def block_views(self) -> list[BlockView]:
+        return [self.block_view(i) for i in range(len(self.blocks()))]
+
+    def context_module(self, i: int) -> nn.Module | None:
+        raise NotImplementedError
+
+    def mlp_out_module(self, i: int) -> nn.Linear | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Attribute names inside one family's transformer block (both families share q/k/v/out_proj names)."""
+
+    attn: str  # attention sub-module of the block ("attn" / "self_attn")
+    mlp: str  # MLP sub-module of the block
+    fc1: str  # first MLP linear ("c_fc" / "fc1")
+    fc2: str  # second MLP linear ("c_proj" / "fc2")
+
+
+class EncoderTower(Tower):
+    """A tower made of pre-norm transformer blocks laid out as ``layout`` says.
+
+    Works for the adapted open_clip blocks (``MultiHeadSelfAttention``) and for transformers'
+    ``CLIPEncoderLayer``; dropped sub-blocks are ``DroppedAttention`` / ``DroppedMLP`` (``attention.py``).
+    """
+
+    def __init__(self, name: str, blocks: nn.ModuleList, tokens: int, hidden: int, head_dim: int,
+                 layout: BlockLayout):
+        self.name = name
+        self._blocks = blocks
+        self.tokens = tokens
+        self.hidden = hidden
+        self.head_dim = head_dim
+        self.layout = layout
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self._blocks)
+
+    def attention(self, i: int) -> nn.Module:
+        return getattr(self._blocks[i], self.layout.attn)
+
+    def mlp(self, i: int) -> nn.Module:
+        return getattr(self._blocks[i], self.layout.mlp)
+
+    def set_attention(self, i: int, module: nn.Module) -> None:
+        setattr(self._blocks[i], self.layout.attn, module)
+
+    def set_mlp(self, i: int, module: nn.Module) -> None:
+        setattr(self._blocks[i], self.layout.mlp, module)
+
+    def attention_dropped(self, i: int) -> bool:
+        return not hasattr(self.attention(i), "out_proj")
+
+    def mlp_dropped(self, i: int) -> bool:
+        return not hasattr(self.mlp(i), self.layout.fc2)
+
+    def fc1(self, i: int) -> nn.Linear | None:
+        return None if self.mlp_dropped(i) else getattr(self.mlp(i), self.layout.fc1)
+
+    def context_module(self, i: int) -> nn.Module | None:
+        return None if self.attention_dropped(i) else self.attention(i).out_proj
+
+    def mlp_out_module(self, i: int) -> nn.Linear | None:
+        return None if self.mlp_dropped(i) else getattr(self.mlp(i), self.layout.fc2)
+
+    def num_heads(self, i: int) -> int:
+        out_proj = self.context_module(i)
+        return 0 if out_proj is None else out_proj.in_features // self.head_dim
+
+    def ffn_dim(self, i: int) -> int:
+        fc2 = self.mlp_out_module(i)
+        return 0 if fc2 is None else fc2.in_features
+
+    def head_index(self, i: int) -> list[int]:
+        """For each present head of block ``i``, its index in the original (unpruned) block."""
+        if self.attention_dropped(i):
+            return []
+        index = getattr(self.attention(i), "head_index", None)
+        return list(range(self.num_heads(i))) if index is None else [int(h) for h in index]
+
+    def block_view(self, i: int) -> BlockView:
+        return BlockView(index=i, num_heads=self.num_heads(i), head_dim=self.head_dim, hidden=self.hidden,
+                         ffn_dim=self.ffn_dim(i), tokens=self.tokens)
+
+
+class ClipModel:
+    """Adapter interface; see ``open_clip_adapter.OpenClipModel`` and ``hf_adapter.HFClipModel``."""
+
+    family: str  # "open_clip" | "hf"
+    name: str  # the model name it was loaded from
+    module: nn.Module  # the underlying model (its parameters are the model's parameters)
+    towers: dict[str, Tower]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]  # list of strings -> LongTensor (n, context_length)
+    preprocess: Callable  # PIL.Image -> FloatTensor (3, H, W), the eval transform
+    image_size: int
+    context_length: int  # token ids per text (the tokenizer's output length)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (not normalised), shape (n, embed_dim)."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (not normalised), shape (n, embed_dim)."""
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine similarities, exp(learned log-scale), as a 0-dim tensor with grad."""
+        raise NotImplementedError
+
+    def export_config(self) -> dict:
+        """JSON-serialisable description from which the (unpruned) architecture can be rebuilt offline."""
+        raise NotImplementedError
+
+    # conveniences shared by both families -------------------------------------------------------
+    def eval(self) -> "ClipModel":
+        self.module.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> "ClipModel":
+        self.module.to(*args, **kwargs)
+        return self
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def _make_towers(self) -> dict[str, Tower]:
+        """Build the tower views over ``self.module`` (called again after ``copy``)."""
+        raise NotImplementedError
+
+    def copy(self) -> "ClipModel":
+        """A new adapter over a deep copy of the module (tokenizer and preprocess are shared).
+
+        Mask hooks registered by ``masks.apply_masks`` on the source are not carried over.
+        """
+        new = _copy.copy(self)
+        new.module = _copy.deepcopy(self.module)
+        for sub in new.module.modules():
+            for key, hook in list(sub._forward_pre_hooks.items()):
+                if getattr(hook, "clipprune_mask_hook", False):
+                    del sub._forward_pre_hooks[key]
+        new.towers = new._make_towers()
+        return new
+
+    def tower_param_count(self, tower: str) -> int:
+        """Parameters of one tower's encoder (embeddings and projection included)."""
+        raise NotImplementedError

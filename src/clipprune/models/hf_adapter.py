@@ -1,0 +1,158 @@
+"""Adapter for transformers ``CLIPModel``.
+
+``CLIPAttention`` already calls ``out_proj`` on the per-head context and reshapes with ``-1`` heads, so
+head hooks and head slicing work on the original modules; nothing is replaced on load.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .base import BlockLayout, ClipModel, EncoderTower, Tower
+
+HF_LAYOUT = BlockLayout(attn="self_attn", mlp="mlp", fc1="fc1", fc2="fc2")
+
+# OpenAI CLIP normalisation, the default of CLIPImageProcessor
+DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFTokenizer:
+    """Wraps a transformers CLIP tokenizer: list of strings -> LongTensor (n, context_length)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                                 return_tensors="pt")
+        return encoded["input_ids"]
+
+    def save_pretrained(self, path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+
+
+class MissingTokenizer:
+    """Placeholder when no tokenizer files were found: fails with a one-line reason when used."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, texts) -> torch.Tensor:
+        raise ModelLoadError(self.reason)
+
+
+def make_preprocess(config: dict) -> Callable:
+    from open_clip import image_transform
+
+    # CLIPImageProcessor: resize the shortest side (bicubic), centre-crop, normalise; image_transform matches
+    return image_transform(config["image_size"], is_train=False, mean=tuple(config["image_mean"]),
+                           std=tuple(config["image_std"]), interpolation="bicubic")
+
+
+class HFClipModel(ClipModel):
+    """``ClipModel`` over a transformers ``CLIPModel``.
+
+    ``config`` is the export config: ``{"family": "hf", "clip_config": CLIPConfig.to_dict(),
+    "image_size": int, "image_mean": [...], "image_std": [...], "context_length": int}``.
+    """
+
+    family = "hf"
+
+    def __init__(self, module: nn.Module, name: str, config: dict | None = None,
+                 tokenizer: Callable | None = None, preprocess: Callable | None = None):
+        from transformers import CLIPModel
+
+        if not isinstance(module, CLIPModel):
+            raise ModelLoadError(f"{name}: expected a transformers CLIPModel, got {type(module).__name__}")
+        self.module = module
+        self.name = name
+        if config is None:
+            config = default_export_config(module)
+        self._config = copy.deepcopy(config)
+        self._config["family"] = self.family
+        self.image_size = int(self._config["image_size"])
+        self.context_length = int(self._config["context_length"])
+        self.tokenizer = tokenizer if tokenizer is not None else MissingTokenizer(
+            f"{name}: no tokenizer files were found for this model; save a CLIPTokenizer next to the weights "
+            "(tokenizer.save_pretrained) or load the model by its hub id with the tokenizer cached"
+        )
+        self.preprocess = preprocess if preprocess is not None else make_preprocess(self._config)
+        self.towers = self._make_towers()
+
+    @classmethod
+    def from_config(cls, config: dict, name: str, tokenizer: Callable | None = None) -> "HFClipModel":
+        """Random-initialised model of the architecture described by an export config (no download)."""
+        from transformers import CLIPConfig, CLIPModel
+
+        try:
+            clip_config = CLIPConfig.from_dict(copy.deepcopy(config["clip_config"]))
+            module = CLIPModel(clip_config)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"{name}: invalid CLIPConfig ({type(err).__name__}: {err})") from err
+        return cls(module.eval(), name, config, tokenizer=tokenizer)
+
+    def _make_towers(self) -> dict[str, Tower]:
+        vision_cfg = self.module.config.vision_config
+        text_cfg = self.module.config.text_config
+        grid = vision_cfg.image_size // vision_cfg.patch_size
+        return {
+            "vision": EncoderTower("vision", self.module.vision_model.encoder.layers, tokens=grid * grid + 1,
+                                   hidden=vision_cfg.hidden_size,
+                                   head_dim=vision_cfg.hidden_size // vision_cfg.num_attention_heads,
+                                   layout=HF_LAYOUT),
+            "text": EncoderTower("text", self.module.text_model.encoder.layers,
+                                 tokens=int(self._config["context_length"]), hidden=text_cfg.hidden_size,
+                                 head_dim=text_cfg.hidden_size // text_cfg.num_attention_heads,
+                                 layout=HF_LAYOUT),
+        }
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.module.get_image_features(pixel_values=images)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.module.get_text_features(input_ids=tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Multiplier of the cosine similarities: exp of the learned log-scale (keeps the graph)."""
+        return self.module.logit_scale.exp()
+
+    def export_config(self) -> dict:
+        return copy.deepcopy(self._config)
+
+    def tower_param_count(self, tower: str) -> int:
+        if tower == "vision":
+            parts = (self.module.vision_model, self.module.visual_projection)
+        elif tower == "text":
+            parts = (self.module.text_model, self.module.text_projection)
+        else:
+            raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+        return sum(p.numel() for part in parts for p in part.parameters())
+
+
+def default_export_config(module: nn.Module, image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN,
+                          image_std: Sequence[float] = DEFAULT_IMAGE_STD, image_size: int | None = None) -> dict:
+    """Export config of a CLIPModel: its CLIPConfig plus preprocessing and text context length."""
+    import json
+
+    config = module.config
+    # JSON-normalised (int dict keys become strings, tuples lists) so it equals what export reads back
+    clip_config = json.loads(config.to_json_string(use_diff=False))
+    clip_config.pop("_name_or_path", None)
+    return {
+        "family": "hf",
+        "clip_config": clip_config,
+        "image_size": int(image_size or config.vision_config.image_size),
+        "image_mean": [float(v) for v in image_mean],
+        "image_std": [float(v) for v in image_std],
+        "context_length": int(config.text_config.max_position_embeddings),
+    }

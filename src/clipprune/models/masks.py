@@ -1,0 +1,195 @@
+"""Head / neuron masks: creation, validation, application by hooks, and the safetensors file format.
+
+Masks are a dict of float tensors keyed ``"<tower>.head"`` (shape ``[layers, heads]``) and
+``"<tower>.neuron"`` (``[layers, ffn_dim]``). Values are scales: 1 keeps a unit, 0 removes it, anything
+else rescales it (tuned masks). For a model whose blocks were already pruned to different widths the
+second dimension is the widest block; entries past a block's width must be 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from ..errors import MaskError, ParamError
+from ..io import atomic_path
+from .base import TOWERS, ClipModel
+
+KINDS = ("head", "neuron")
+_KEY = re.compile(r"^(?P<tower>[a-z_]+)\.(?P<kind>head|neuron)$")
+
+
+def mask_key(tower: str, kind: str) -> str:
+    return f"{tower}.{kind}"
+
+
+def parse_mask_key(key: str) -> tuple[str, str]:
+    """``"vision.head"`` -> ``("vision", "head")``; MaskError for anything else."""
+    match = _KEY.match(key) if isinstance(key, str) else None
+    if not match:
+        raise MaskError(f"mask key {key!r} is malformed (expected '<tower>.head' or '<tower>.neuron')")
+    return match["tower"], match["kind"]
+
+
+def block_widths(model: ClipModel, tower: str, kind: str) -> list[int]:
+    """Present heads (kind="head") or neurons (kind="neuron") of each block of a tower."""
+    views = model.towers[tower].block_views()
+    return [v.num_heads if kind == "head" else v.ffn_dim for v in views]
+
+
+def mask_shape(model: ClipModel, tower: str, kind: str) -> tuple[int, int]:
+    widths = block_widths(model, tower, kind)
+    return len(widths), max(widths, default=0)
+
+
+def _check_towers(model: ClipModel, towers: Iterable[str]) -> tuple[str, ...]:
+    towers = (towers,) if isinstance(towers, str) else tuple(towers)
+    unknown = [t for t in towers if t not in model.towers]
+    if unknown or not towers:
+        raise ParamError(f"towers must be a non-empty subset of {list(model.towers)}, got {list(towers)}")
+    return towers
+
+
+def full_masks(model: ClipModel, towers: Iterable[str] = TOWERS, requires_grad: bool = False,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """All-ones masks (zeros in the padding of narrower pruned blocks) for the given towers.
+
+    With ``requires_grad=True`` the tensors are leaves whose ``.grad`` collects ∂loss/∂mask when used
+    with ``apply_masks`` (Fisher / Taylor scoring).
+    """
+    device = next(model.parameters()).device
+    masks = {}
+    for tower in _check_towers(model, towers):
+        for kind in KINDS:
+            widths = block_widths(model, tower, kind)
+            mask = torch.zeros(len(widths), max(widths, default=0), dtype=dtype, device=device)
+            for layer, width in enumerate(widths):
+                mask[layer, :width] = 1.0
+            masks[mask_key(tower, kind)] = mask.requires_grad_(requires_grad)
+    return masks
+
+
+def validate_masks(model: ClipModel, masks: Mapping[str, torch.Tensor], name: str = "masks") -> None:
+    """Raise MaskError (one line, starting with ``name``) unless ``masks`` fit ``model``."""
+    if not isinstance(masks, Mapping) or not masks:
+        raise MaskError(f"{name}: expected a non-empty dict of mask tensors, got {type(masks).__name__}")
+    valid = ", ".join(mask_key(t, k) for t in model.towers for k in KINDS)
+    for key, mask in masks.items():
+        try:
+            tower, kind = parse_mask_key(key)
+        except MaskError:
+            tower = kind = None
+        if tower not in model.towers:
+            raise MaskError(f"{name}: unknown mask key {key!r} (expected keys among {valid})")
+        if not isinstance(mask, torch.Tensor):
+            raise MaskError(f"{name}: {key} must be a tensor, got {type(mask).__name__}")
+        expected = mask_shape(model, tower, kind)
+        if tuple(mask.shape) != expected:
+            raise MaskError(f"{name}: {key} has shape {list(mask.shape)}, expected {list(expected)} "
+                            f"([layers, {'heads' if kind == 'head' else 'ffn_dim'}]) for model {model.name}")
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise MaskError(f"{name}: {key} must be a float tensor, got {mask.dtype}")
+        values = mask.detach()
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            raise MaskError(f"{name}: {key} contains non-finite values (NaN or inf)")
+        for layer, width in enumerate(block_widths(model, tower, kind)):
+            if width < expected[1] and bool((values[layer, width:] != 0).any()):
+                raise MaskError(f"{name}: {key} layer {layer} has only {width} units, "
+                                f"but nonzero entries past column {width}")
+
+
+def _head_hook(mask: torch.Tensor, layer: int, head_dim: int):
+    def hook(module, args):
+        context = args[0]
+        heads = context.shape[-1] // head_dim
+        # index the leaf inside the hook so every forward builds a fresh graph back to the mask
+        scale = mask[layer, :heads].to(device=context.device, dtype=context.dtype)
+        shaped = context.reshape(*context.shape[:-1], heads, head_dim) * scale[:, None]
+        return (shaped.reshape(context.shape),) + tuple(args[1:])
+
+    hook.clipprune_mask_hook = True
+    return hook
+
+
+def _neuron_hook(mask: torch.Tensor, layer: int):
+    def hook(module, args):
+        hidden = args[0]
+        scale = mask[layer, :hidden.shape[-1]].to(device=hidden.device, dtype=hidden.dtype)
+        return (hidden * scale,) + tuple(args[1:])
+
+    hook.clipprune_mask_hook = True
+    return hook
+
+
+@contextlib.contextmanager
+def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[ClipModel]:
+    """Within the block, the model's forward passes are masked; hooks are removed on exit.
+
+    Head masks scale each head's slice of the attention context (input of ``context_module``), neuron
+    masks scale the input of ``mlp_out_module``. Masks may require grad: gradients flow to them.
+    """
+    validate_masks(model, masks, "masks")
+    handles = []
+    try:
+        for key, mask in masks.items():
+            tower_name, kind = parse_mask_key(key)
+            tower = model.towers[tower_name]
+            for layer in range(len(tower.blocks())):
+                if kind == "head":
+                    target = tower.context_module(layer)
+                    hook = None if target is None else _head_hook(mask, layer, tower.block_view(layer).head_dim)
+                else:
+                    target = tower.mlp_out_module(layer)
+                    hook = None if target is None else _neuron_hook(mask, layer)
+                if target is not None:
+                    handles.append(target.register_forward_pre_hook(hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:
+    """Write masks to a safetensors file atomically; metadata values are stored JSON-encoded."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, mask in masks.items():
+        parse_mask_key(key)
+        tensors[key] = mask.detach().to("cpu", torch.float32).contiguous()
+    meta = {str(k): json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_masks(path: str | os.PathLike, with_metadata: bool = False):
+    """Read masks written by ``save_masks``; returns the dict, or ``(masks, metadata)`` if asked."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MaskError(f"{path}: mask file not found")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            masks = {key: handle.get_tensor(key) for key in handle.keys()}
+            raw_meta = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise MaskError(f"{path}: not a readable safetensors mask file ({err})") from err
+    for key in masks:
+        try:
+            parse_mask_key(key)
+        except MaskError as err:
+            raise MaskError(f"{path}: {err}") from err
+    if not with_metadata:
+        return masks
+    metadata = {}
+    for key, value in raw_meta.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return masks, metadata

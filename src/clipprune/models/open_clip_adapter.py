@@ -1,0 +1,215 @@
+"""Adapter for open_clip CLIP models with ViT vision towers.
+
+On construction every ``nn.MultiheadAttention`` of the vision and text transformer blocks is replaced by
+``MultiHeadSelfAttention`` (same outputs), so head masks can hook the attention context and heads can be
+sliced out physically.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .attention import MultiHeadSelfAttention
+from .base import BlockLayout, ClipModel, EncoderTower, Tower
+
+OPEN_CLIP_LAYOUT = BlockLayout(attn="attn", mlp="mlp", fc1="c_fc", fc2="c_proj")
+
+
+def _text_tower_parts(module: nn.Module):
+    """(transformer, number of positions) of the text tower of a CLIP or CustomTextCLIP."""
+    from open_clip.transformer import TextTransformer
+
+    if hasattr(module, "text"):  # CustomTextCLIP
+        if not isinstance(module.text, TextTransformer):
+            raise ModelLoadError(
+                f"text tower {type(module.text).__name__} is not supported (only open_clip's TextTransformer)"
+            )
+        return module.text.transformer, int(module.text.num_pos)
+    return module.transformer, int(module.positional_embedding.shape[0])
+
+
+def check_supported(module: nn.Module) -> None:
+    """Raise ModelLoadError unless ``module`` is an open_clip CLIP with a plain ViT vision tower."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    visual = getattr(module, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise ModelLoadError(
+            f"vision tower {type(visual).__name__} is not supported: only ViT vision towers (open_clip "
+            "VisionTransformer) can be pruned, not ResNet/timm towers"
+        )
+    if hasattr(module, "text_decoder"):
+        raise ModelLoadError("CoCa models are not supported (contrastive CLIP models only)")
+    text_transformer, _ = _text_tower_parts(module)
+    for tower_name, transformer in (("vision", visual.transformer), ("text", text_transformer)):
+        for block in transformer.resblocks:
+            if not isinstance(block, ResidualAttentionBlock):
+                raise ModelLoadError(
+                    f"{tower_name} block type {type(block).__name__} is not supported (only the default "
+                    "ResidualAttentionBlock, no qk_norm/scaled-cosine/custom blocks)"
+                )
+
+
+def convert_attention(module: nn.Module) -> int:
+    """Replace each block's ``nn.MultiheadAttention`` by ``MultiHeadSelfAttention``; returns how many."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    converted = 0
+    for block in module.modules():
+        if isinstance(block, ResidualAttentionBlock) and isinstance(block.attn, nn.MultiheadAttention):
+            if hasattr(block, "ln_1_kv"):
+                raise ModelLoadError("cross-attention blocks are not supported")
+            block.attn = MultiHeadSelfAttention.from_multihead_attention(block.attn)
+            converted += 1
+    return converted
+
+
+def build_open_clip_module(model_cfg: dict) -> nn.Module:
+    """Random-initialised open_clip model from a model config (as in open_clip's model_configs/*.json)."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(model_cfg)
+    custom_text = cfg.pop("custom_text", False)
+    if "multimodal_cfg" in cfg:
+        raise ModelLoadError("CoCa model configs (multimodal_cfg) are not supported")
+    cls = CustomTextCLIP if custom_text else CLIP
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        raise ModelLoadError(f"invalid open_clip model_cfg ({type(err).__name__}: {err})") from err
+
+
+def make_open_clip_tokenizer(tokenizer_cfg: dict) -> Callable:
+    """open_clip's bundled tokenizer for an architecture, else SimpleTokenizer with the context length."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    arch = tokenizer_cfg.get("arch")
+    if arch:
+        try:
+            return open_clip.get_tokenizer(arch)
+        except Exception as err:  # hf-tokenizer archs need the hub
+            raise ModelLoadError(
+                f"open_clip tokenizer for {arch!r} could not be created offline ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); pre-download it into the HF cache"
+            ) from err
+    return SimpleTokenizer(context_length=int(tokenizer_cfg["context_length"]))
+
+
+class LazyTokenizer:
+    """Builds the tokenizer on first use (loading the BPE merges takes about a second)."""
+
+    def __init__(self, tokenizer_cfg: dict):
+        self.tokenizer_cfg = dict(tokenizer_cfg)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Callable:
+        if self._tokenizer is None:
+            self._tokenizer = make_open_clip_tokenizer(self.tokenizer_cfg)
+        return self._tokenizer
+
+    def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):  # e.g. context_length, encode, decode
+        if name.startswith("_") or name == "tokenizer_cfg":
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+def make_open_clip_preprocess(config: dict) -> Callable:
+    from open_clip import image_transform
+
+    return image_transform(
+        config["image_size"],
+        is_train=False,
+        mean=tuple(config["image_mean"]),
+        std=tuple(config["image_std"]),
+        resize_mode=config.get("resize_mode"),
+        interpolation=config.get("interpolation"),
+    )
+
+
+class OpenClipModel(ClipModel):
+    """``ClipModel`` over an open_clip ``CLIP`` / ``CustomTextCLIP`` with a ViT vision tower.
+
+    ``config`` is the export config: ``{"family": "open_clip", "model_cfg": {...}, "image_size": int,
+    "image_mean": [...], "image_std": [...], "interpolation", "resize_mode", "tokenizer": {"arch",
+    "context_length"}}``; from it ``from_config`` rebuilds the (unpruned) architecture offline.
+    """
+
+    family = "open_clip"
+
+    def __init__(self, module: nn.Module, name: str, config: dict, tokenizer: Callable | None = None,
+                 preprocess: Callable | None = None):
+        check_supported(module)
+        convert_attention(module)
+        self.module = module
+        self.name = name
+        self._config = copy.deepcopy(config)
+        self._config["family"] = self.family
+        self.image_size = int(config["image_size"])
+        self.context_length = int(config["tokenizer"]["context_length"])
+        self.tokenizer = tokenizer if tokenizer is not None else LazyTokenizer(config["tokenizer"])
+        self.preprocess = preprocess if preprocess is not None else make_open_clip_preprocess(config)
+        self.towers = self._make_towers()
+
+    @classmethod
+    def from_config(cls, config: dict, name: str) -> "OpenClipModel":
+        """Random-initialised model of the architecture described by an export config (no download)."""
+        return cls(build_open_clip_module(config["model_cfg"]), name, config)
+
+    def _make_towers(self) -> dict[str, Tower]:
+        visual = self.module.visual
+        grid = visual.grid_size
+        vision_head_dim, text_head_dim = _config_head_dims(self._config["model_cfg"])
+        text_transformer, text_tokens = _text_tower_parts(self.module)
+        return {
+            "vision": EncoderTower("vision", visual.transformer.resblocks, tokens=grid[0] * grid[1] + 1,
+                                   hidden=visual.transformer.width, head_dim=vision_head_dim,
+                                   layout=OPEN_CLIP_LAYOUT),
+            "text": EncoderTower("text", text_transformer.resblocks, tokens=text_tokens,
+                                 hidden=text_transformer.width, head_dim=text_head_dim,
+                                 layout=OPEN_CLIP_LAYOUT),
+        }
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module.encode_text(tokens)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Multiplier of the cosine similarities: exp of the learned log-scale (keeps the graph)."""
+        return self.module.logit_scale.exp()
+
+    def export_config(self) -> dict:
+        return copy.deepcopy(self._config)
+
+    def tower_param_count(self, tower: str) -> int:
+        if tower == "vision":
+            return sum(p.numel() for p in self.module.visual.parameters())
+        if tower == "text":
+            if hasattr(self.module, "text"):
+                return sum(p.numel() for p in self.module.text.parameters())
+            skip = {id(p) for p in self.module.visual.parameters()}
+            skip.add(id(self.module.logit_scale))
+            if getattr(self.module, "logit_bias", None) is not None:
+                skip.add(id(self.module.logit_bias))
+            return sum(p.numel() for p in self.module.parameters() if id(p) not in skip)
+        raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+
+
+def _config_head_dims(model_cfg: dict) -> tuple[int, int]:
+    """(vision, text) head widths of the architecture; pruning never changes them."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(**model_cfg["vision_cfg"])
+    text = CLIPTextCfg(**model_cfg["text_cfg"])
+    return vision.head_width, text.width // text.heads
