@@ -4,6 +4,9 @@ Masks are a dict of float tensors keyed ``"<tower>.head"`` (shape ``[layers, hea
 ``"<tower>.neuron"`` (``[layers, ffn_dim]``). Values are scales: 1 keeps a unit, 0 removes it, anything
 else rescales it (tuned masks). For a model whose blocks were already pruned to different widths the
 second dimension is the widest block; entries past a block's width must be 0.
+
+Per-sample masks (``apply_sample_masks``) add a leading batch dimension, ``[batch, layers, units]``: sample
+``b`` of a forward is scaled by ``mask[b]``, so one backward yields every sample's own mask gradient.
 """
 from __future__ import annotations
 
@@ -103,12 +106,17 @@ def validate_masks(model: ClipModel, masks: Mapping[str, torch.Tensor], name: st
 
 
 def _head_hook(mask: torch.Tensor, layer: int, head_dim: int):
+    per_sample = mask.dim() == 3
+
     def hook(module, args):
         context = args[0]
         heads = context.shape[-1] // head_dim
         # index the leaf inside the hook so every forward builds a fresh graph back to the mask
-        scale = mask[layer, :heads].to(device=context.device, dtype=context.dtype)
-        shaped = context.reshape(*context.shape[:-1], heads, head_dim) * scale[:, None]
+        if per_sample:  # mask [batch, layers, heads]: sample b's context is scaled by mask[b]
+            scale = _sample_scale(mask[:, layer, :heads], context, "head")[..., None]
+        else:
+            scale = mask[layer, :heads].to(device=context.device, dtype=context.dtype)[:, None]
+        shaped = context.reshape(*context.shape[:-1], heads, head_dim) * scale
         return (shaped.reshape(context.shape),) + tuple(args[1:])
 
     hook.clipprune_mask_hook = True
@@ -116,23 +124,30 @@ def _head_hook(mask: torch.Tensor, layer: int, head_dim: int):
 
 
 def _neuron_hook(mask: torch.Tensor, layer: int):
+    per_sample = mask.dim() == 3
+
     def hook(module, args):
         hidden = args[0]
-        scale = mask[layer, :hidden.shape[-1]].to(device=hidden.device, dtype=hidden.dtype)
+        if per_sample:
+            scale = _sample_scale(mask[:, layer, :hidden.shape[-1]], hidden, "neuron")
+        else:
+            scale = mask[layer, :hidden.shape[-1]].to(device=hidden.device, dtype=hidden.dtype)
         return (hidden * scale,) + tuple(args[1:])
 
     hook.clipprune_mask_hook = True
     return hook
 
 
-@contextlib.contextmanager
-def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[ClipModel]:
-    """Within the block, the model's forward passes are masked; hooks are removed on exit.
+def _sample_scale(scale: torch.Tensor, activation: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample scales [batch, units] shaped to broadcast over a batch-first activation [batch, ..., units]."""
+    if activation.dim() < 2 or activation.shape[0] != scale.shape[0]:
+        raise MaskError(f"per-sample {kind} masks hold {scale.shape[0]} samples but the activation has shape "
+                        f"{list(activation.shape)} (batch first expected)")
+    scale = scale.to(device=activation.device, dtype=activation.dtype)
+    return scale.reshape(scale.shape[0], *([1] * (activation.dim() - 2)), scale.shape[1])
 
-    Head masks scale each head's slice of the attention context (input of ``context_module``), neuron
-    masks scale the input of ``mlp_out_module``. Masks may require grad: gradients flow to them.
-    """
-    validate_masks(model, masks, "masks")
+
+def _register_hooks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> list:
     handles = []
     try:
         for key, mask in masks.items():
@@ -147,6 +162,73 @@ def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator
                     hook = None if target is None else _neuron_hook(mask, layer)
                 if target is not None:
                     handles.append(target.register_forward_pre_hook(hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextlib.contextmanager
+def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[ClipModel]:
+    """Within the block, the model's forward passes are masked; hooks are removed on exit.
+
+    Head masks scale each head's slice of the attention context (input of ``context_module``), neuron
+    masks scale the input of ``mlp_out_module``. Masks may require grad: gradients flow to them.
+    """
+    validate_masks(model, masks, "masks")
+    handles = _register_hooks(model, masks)
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_batch_first(model: ClipModel, tower_name: str) -> None:
+    tower = model.towers[tower_name]
+    attention = getattr(tower, "attention", None)
+    for layer in range(len(tower.blocks()) if attention is not None else 0):
+        if getattr(attention(layer), "batch_first", True) is False:
+            raise MaskError(f"per-sample masks need batch-first activations; {tower_name} block {layer} "
+                            f"runs sequence-first")
+
+
+def validate_sample_masks(model: ClipModel, masks: Mapping[str, torch.Tensor], name: str = "masks") -> int:
+    """Check per-sample masks ``[batch, layers, units]`` (each ``mask[b]`` must fit ``model``); returns batch."""
+    if not isinstance(masks, Mapping) or not masks:
+        raise MaskError(f"{name}: expected a non-empty dict of mask tensors, got {type(masks).__name__}")
+    batch = None
+    for key, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+            shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise MaskError(f"{name}: per-sample mask {key} must be a [batch, layers, units] tensor, got {shape}")
+        if batch is None:
+            batch = mask.shape[0]
+        if mask.shape[0] != batch or batch < 1:
+            raise MaskError(f"{name}: per-sample masks disagree on the batch size ({batch} vs {mask.shape[0]} "
+                            f"for {key})")
+    # every sample's slice must be a valid mask: check shape, padding and finiteness on the batch-wise
+    # maximum magnitude, which is non-zero / non-finite wherever any sample's entry is
+    summary = {key: (mask.detach().abs().amax(0) if mask.is_floating_point() else mask.detach().any(0))
+               for key, mask in masks.items()}
+    validate_masks(model, summary, name)
+    for key in masks:
+        _check_batch_first(model, parse_mask_key(key)[0])
+    return batch
+
+
+@contextlib.contextmanager
+def apply_sample_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[ClipModel]:
+    """Like ``apply_masks`` with one mask per sample: ``masks[key]`` is ``[batch, layers, units]``.
+
+    Sample ``b`` of every forward inside the block is scaled by ``mask[b]``; forwards must use exactly
+    ``batch`` samples. With leaves that require grad, one backward of a batch loss gives in ``grad[b]``
+    the gradient through sample ``b``'s own activations (per-sample gradients without per-sample backwards).
+    """
+    validate_sample_masks(model, masks, "masks")
+    handles = _register_hooks(model, masks)
+    try:
         yield model
     finally:
         for handle in handles:

@@ -1,0 +1,141 @@
+"""Kwon et al.'s Fisher criterion: importance = Σ (∂loss/∂mask)² over calibration batches or samples.
+
+Masks are all-ones leaves that require grad; the model's parameters are frozen (restored afterwards), so a
+backward builds only the graph that leads to the masks and no parameter ``.grad`` is ever touched.
+
+* ``granularity="batch"``: one gradient row per mini-batch (Kwon's reference squares per batch of 32).
+* ``granularity="sample"``: one row per sample from a single backward per batch: every sample gets its
+  own copy of the masks (``[batch, layers, units]``, ``models.masks.apply_sample_masks``), so the gradient
+  of the summed batch loss (batch size × mean loss) w.r.t. copy ``b`` is sample ``b``'s gradient through
+  its own activations. Rows of a batch sum to batch size × that batch's gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from clipprune.errors import ClipPruneError, DataError, ParamError
+from clipprune.models.base import ClipModel
+from clipprune.models.masks import apply_masks, apply_sample_masks, full_masks
+
+from .losses import check_loss_options, get_loss
+from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: ClipModel) -> Iterator[ClipModel]:
+    """Eval mode and ``requires_grad=False`` on every parameter inside the block; both restored on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    training = model.module.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.module.train(training)
+
+
+def _tokens(model: ClipModel, captions) -> torch.Tensor:
+    if isinstance(captions, torch.Tensor):
+        return captions
+    return model.tokenizer(list(captions))
+
+
+def check_towers_for_loss(loss: str, towers: tuple[str, ...]) -> None:
+    """Text-tower masks only get a gradient from a loss that encodes the captions."""
+    if "text" in towers and not get_loss(loss).uses_text:
+        raise ParamError(f"score.towers={'both' if len(towers) > 1 else 'text'} needs a loss that uses the "
+                         f"captions, but score.loss={loss} uses images only (its text-tower gradients would be "
+                         f"zero); use score.towers: vision or score.loss: contrastive")
+
+
+def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor | None, loss: str,
+                   towers: tuple[str, ...], per_sample: bool, loss_options: dict | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss value, {mask key: gradient}) of one batch with all-ones masks on ``towers``.
+
+    The gradient is ``[layers, units]`` of the batch's mean loss, or with ``per_sample`` ``[batch, layers,
+    units]`` of the summed loss, row ``b`` through sample ``b``'s own activations. Parameters must already
+    be frozen (``frozen_parameters``) for the backward to reach only the masks.
+    """
+    loss_fn = get_loss(loss)
+    batch = images.shape[0]
+    base = full_masks(model, towers, requires_grad=not per_sample)
+    if per_sample:
+        masks = {k: v.unsqueeze(0).repeat(batch, 1, 1).requires_grad_(True) for k, v in base.items()}
+        masked = apply_sample_masks(model, masks)
+    else:
+        masks = base
+        masked = apply_masks(model, masks)
+    with masked:
+        image_features = model.encode_image(images)
+        text_features = model.encode_text(tokens) if loss_fn.uses_text else None
+    value = loss_fn(image_features, text_features, model.logit_scale.detach(), **(loss_options or {}))
+    objective = value * batch if per_sample else value
+    keys = list(masks)
+    grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
+    return value.detach(), {k: torch.zeros_like(masks[k]) if g is None else g for k, g in zip(keys, grads)}
+
+
+@register_criterion("fisher")
+def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progress, keep_grads: bool = True,
+           **loss_options) -> ScoreResult:
+    """Empirical Fisher of the head / neuron masks: Σ_rows (∂loss/∂mask)², rows = batches or samples.
+
+    ``loss_options`` go to the loss (e.g. ``inv_temperature`` for ``entropy``); ``keep_grads=False`` skips
+    returning the gradient rows (they need rows × units × 4 bytes).
+    """
+    if loss is None:
+        raise ParamError("score.loss is required by criterion 'fisher'")
+    check_loss_options(loss, loss_options)
+    check_towers_for_loss(loss, towers)
+    if not isinstance(keep_grads, bool):
+        raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
+    if loader is None:
+        raise ParamError("score.criterion=fisher needs calibration data (a loader of image-caption batches)")
+    uses_text = get_loss(loss).uses_text
+    per_sample = granularity == "sample"
+    device = next(model.parameters()).device
+
+    fisher_sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {}
+    losses: list[float] = []
+    samples = 0
+    with frozen_parameters(model):
+        for index, (images, captions) in enumerate(tqdm(loader, desc=f"score fisher ({loss}, {granularity})",
+                                                        unit="batch", disable=not progress)):
+            if not isinstance(images, torch.Tensor):
+                raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
+                                f"(build the dataset with the model's preprocess transform)")
+            images = images.to(device)
+            tokens = _tokens(model, captions).to(device) if uses_text else None
+            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options)
+            if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
+                                     f"check the model weights, score.loss and score.options")
+            for key, grad in grads.items():
+                batch_rows = grad.detach().to("cpu", torch.float32)
+                batch_rows = batch_rows if per_sample else batch_rows.unsqueeze(0)
+                # float64 accumulation: the sum over thousands of rows stays exact to float32 precision
+                squared = batch_rows.double().pow(2).sum(0)
+                fisher_sums[key] = squared if key not in fisher_sums else fisher_sums[key] + squared
+                if keep_grads:
+                    rows.setdefault(key, []).append(batch_rows)
+            losses.append(value.item())
+            samples += images.shape[0]
+    if not losses:
+        raise DataError("score: the calibration data yielded no batches")
+    return ScoreResult(
+        scores={key: value.float() for key, value in fisher_sums.items()},
+        grads={key + GRADS_SUFFIX: torch.cat(parts) for key, parts in rows.items()},
+        meta={"loss": loss, "loss_options": dict(loss_options), "num_samples": samples,
+              "num_batches": len(losses), "mean_loss": sum(losses) / len(losses),
+              "grad_rows": "sample" if per_sample else "batch"},
+    )

@@ -1,0 +1,113 @@
+"""Running a criterion on calibration pairs, and the scores file (``artifacts/scores/scores.safetensors``).
+
+File layout: tensors ``"<tower>.head"`` / ``"<tower>.neuron"`` (scores, float32) and ``"<key>.grads"``
+(gradient rows, ``[rows, layers, units]``); metadata values are JSON-encoded (``ScoreResult.meta`` plus what
+the caller adds: model name, seed, calibration file...).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch.utils.data import DataLoader
+
+from clipprune.data.calibration import read_calibration
+from clipprune.data.coco import CocoCaptions, collate_image_caption_pairs
+from clipprune.errors import ClipPruneError, ParamError
+from clipprune.io import atomic_path
+from clipprune.models.base import ClipModel
+
+from .losses import get_loss
+from .registry import GRADS_SUFFIX, ScoreResult, check_granularity, get_criterion, parse_towers
+
+
+def calibration_loader(images_dir: str | os.PathLike, captions_file: str | os.PathLike,
+                       calibration_file: str | os.PathLike, preprocess: Callable, batch_size: int) -> DataLoader:
+    """Deterministic loader of (image tensor batch, list of captions) over the pairs of a calibration file."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParamError(f"score.batch_size must be a positive integer, got {batch_size!r}")
+    dataset = CocoCaptions(images_dir, captions_file, transform=preprocess)
+    pairs, _ = read_calibration(calibration_file, dataset)
+    # shuffle off, no workers: batches (and so per-batch Fisher rows) are the same on every run
+    return DataLoader(dataset.pair_dataset(pairs), batch_size=batch_size, shuffle=False, num_workers=0,
+                      collate_fn=collate_image_caption_pairs)
+
+
+def _check_batches(loader, loss: str) -> None:
+    """Fail before any work if a batch would be too small for the loss (e.g. a last batch of 1)."""
+    min_batch = get_loss(loss).min_batch
+    size, total = getattr(loader, "batch_size", None), None
+    try:
+        total = len(loader.dataset)
+    except (AttributeError, TypeError):
+        return
+    if not size or min_batch <= 1:
+        return
+    smallest = min(size, total) if total % size == 0 else total % size
+    if smallest < min_batch:
+        raise ParamError(f"score.batch_size={size} leaves a batch of {smallest} of the {total} calibration "
+                         f"samples, but score.loss={loss} needs at least {min_batch} per batch; change "
+                         f"score.batch_size or calibrate.num_samples")
+
+
+def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = "contrastive",
+                granularity: str = "batch", towers="both", seed: int = 0, progress: bool = True,
+                options: Mapping | None = None) -> ScoreResult:
+    """Seed torch, run the criterion registered as ``criterion`` and return its ``ScoreResult``."""
+    fn = get_criterion(criterion)
+    towers = parse_towers(towers)
+    check_granularity(granularity)
+    if options is not None and not isinstance(options, Mapping):
+        raise ParamError(f"score.options must be a mapping of option names to values, got {options!r}")
+    if fn.needs_data:
+        if loss is None:
+            raise ParamError(f"score.loss is required by criterion {criterion!r}")
+        get_loss(loss)
+        if loader is None:
+            raise ParamError(f"score.criterion={criterion} needs calibration data")
+        _check_batches(loader, loss)
+    torch.manual_seed(seed)
+    result = fn(model, loader if fn.needs_data else None, towers=towers, loss=loss if fn.needs_data else None,
+                granularity=granularity, progress=progress, **dict(options or {}))
+    result.meta = {**result.meta, "seed": seed}
+    return result
+
+
+def save_scores(path: str | os.PathLike, result: ScoreResult, metadata: Mapping | None = None) -> Path:
+    """Write scores, gradient rows and metadata (``result.meta`` updated by ``metadata``) atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in result.tensors().items()}
+    meta = {**result.meta, **dict(metadata or {})}
+    encoded = {str(k): json.dumps(v, sort_keys=True) for k, v in meta.items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=encoded)
+    return path
+
+
+def load_scores(path: str | os.PathLike) -> ScoreResult:
+    """Read a file written by ``save_scores`` (ClipPruneError naming the file if it is missing or corrupt)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipPruneError(f"{path}: scores file not found (run the score stage)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            raw_meta = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ClipPruneError(f"{path}: not a readable safetensors scores file ({err})") from err
+    meta = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    grads = {k: v for k, v in tensors.items() if k.endswith(GRADS_SUFFIX)}
+    scores = {k: v for k, v in tensors.items() if not k.endswith(GRADS_SUFFIX)}
+    return ScoreResult(scores=scores, grads=grads, meta=meta)
