@@ -4,13 +4,14 @@ from pathlib import Path
 from _common import run_stage
 from clipprune.data.calibration import sample_calibration_pairs, write_calibration
 from clipprune.data.coco import CocoCaptions
+from clipprune.data.sources import check_dataset_name
 from clipprune.params import get_int, get_str
 
 OUT = Path("data/prepared/calibration.json")
 
 
 def main(params: dict) -> None:
-    root = Path("data/raw") / get_str(params, "data.name")
+    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
     images = get_str(params, "data.layout.train_images")
     captions = get_str(params, "data.layout.train_captions")
     seed = get_int(params, "seed", min_value=0)

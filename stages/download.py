@@ -2,12 +2,12 @@
 from pathlib import Path
 
 from _common import run_stage
-from clipprune.data.sources import download_dataset
+from clipprune.data.sources import check_dataset_name, download_dataset
 from clipprune.params import get, get_str
 
 
 def main(params: dict) -> None:
-    name = get_str(params, "data.name")
+    name = check_dataset_name(get_str(params, "data.name"))
     target = download_dataset(get(params, "data.archives"), Path("data/raw") / name)
     print(f"download: extracted {name} into {target}")
 

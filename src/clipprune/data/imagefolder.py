@@ -104,8 +104,9 @@ class ImageFolderClassification(Dataset):
             class_dir = self.root / folder
             if not class_dir.is_dir():
                 raise DataError(f"{class_dir}: folder for class {label} ({self.classnames[label]!r}) not found")
+            # a dangling link is a missing image: keep it so that reading it fails, not silently skip it
             files = sorted(p for p in class_dir.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                           if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)
             self.samples.extend((p, label) for p in files)
         if not self.samples:
             raise DataError(f"{self.root}: no images found in the class folders")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,17 @@ COCO2017_LAYOUT = {
     "val_captions": "annotations/captions_val2017.json",
     "classification": None,
 }
+
+# A dataset name becomes a folder under data/raw/: no separators, no '.'/'..', no hidden names.
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_dataset_name(name, key: str = "data.name") -> str:
+    """``name`` if it is a plain folder name (e.g. ``digits``, ``coco2017``); ParamError otherwise."""
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise ParamError(f"{key} must be a plain folder name (letters, digits, '.', '_', '-'; no '/', '\\' "
+                         f"or '..', not starting with '.'), got {name!r}")
+    return name
 
 
 def parse_archives(archives, key: str = "data.archives") -> list[dict]:

@@ -7,8 +7,12 @@ fails with a one-line ModelLoadError saying how to make the weights available.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle  # only for its exception type: nothing is unpickled
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +32,23 @@ def fixtures_root() -> Path:
     return Path(clipprune.__file__).resolve().parents[2] / "data" / "fixtures"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+UNSAFE_CHECKPOINT = ("holds pickled Python objects, which are never unpickled here (torch.load weights_only=True "
+                     "refused it); convert it to safetensors on a machine where its source is trusted")
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    text = _ANSI.sub("", str(err)).strip()  # torch's messages carry terminal bold codes
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _refused_pickle(err: BaseException) -> bool:
+    """True if ``err`` (or an exception it wraps) is torch's weights-only loader refusing a pickle."""
+    while err is not None:
+        if isinstance(err, pickle.UnpicklingError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -99,6 +117,24 @@ def _load_fixture(spec: str, device: str) -> ClipModel:
     return model.to(device)
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Drop ERROR records logged on the root logger while the block runs (warnings still show).
+
+    open_clip reports a failed weight download with logging.error() before raising; the caller turns the
+    exception into one ModelLoadError line, so the log record would only print the same failure twice.
+    """
+    logging.root.addFilter(_below_error)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(_below_error)
+
+
 def _load_open_clip(spec: str, device: str) -> ClipModel:
     import open_clip
 
@@ -115,8 +151,12 @@ def _load_open_clip(spec: str, device: str) -> ClipModel:
         raise ModelLoadError(f"open_clip:{spec}: {pretrained!r} is neither a pretrained tag of {arch} "
                              f"({', '.join(tags) or 'none'}) nor an existing checkpoint file")
     try:
-        module, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
+        with _quiet_root_logger():
+            module, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu",
+                                                                          weights_only=True)
     except Exception as err:  # download / cache / checkpoint errors of many kinds
+        if _refused_pickle(err):
+            raise ModelLoadError(f"open_clip:{spec}: the checkpoint {UNSAFE_CHECKPOINT}") from err
         raise ModelLoadError(
             f"open_clip:{spec}: could not load the weights offline ({_first_line(err)}); pre-download them into "
             f"the HF/open_clip cache (HF_HOME) on a machine with internet, or pass a local checkpoint file "
@@ -164,6 +204,8 @@ def _load_hf(spec: str, device: str) -> ClipModel:
             module = CLIPModel.from_pretrained(spec, local_files_only=local_only, dtype=torch.float32)
             break
         except Exception as err:  # OSError for missing files, ValueError for wrong model types, ...
+            if _refused_pickle(err):
+                raise ModelLoadError(f"hf:{spec}: the weights file {UNSAFE_CHECKPOINT}") from err
             errors.append(_first_line(err))
     if module is None:
         where = "the local directory" if local else "the HF cache" + ("" if len(attempts) == 1 else " and the hub")
