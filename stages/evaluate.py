@@ -4,16 +4,22 @@ from pathlib import Path
 import torch
 
 from _common import run_stage
-from clipprune.evaluate.suite import EvalData, evaluate_model
+from clipprune.data.sources import check_dataset_name
+from clipprune.evaluate.suite import EvalData, evaluate_model, pruning_report
 from clipprune.io import write_json
 from clipprune.models import load_model
 from clipprune.params import get, get_int, get_str
 
 OUT = Path("reports/metrics.json")
+PRUNED = Path("artifacts/models/pruned")
+SCORES = Path("artifacts/scores/scores.safetensors")
+MASKS = {"search": Path("artifacts/masks/search.safetensors"),
+         "rearranged": Path("artifacts/masks/rearranged.safetensors"),
+         "tuned": Path("artifacts/masks/tuned.safetensors")}
 
 
 def eval_data(params: dict) -> EvalData:
-    root = Path("data/raw") / get_str(params, "data.name")
+    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
     split = get_str(params, "evaluate.retrieval_split", choices=["train", "val"])
     classification = get(params, "data.layout.classification", default=None)
     max_images = get(params, "evaluate.max_retrieval_images", default=None)
@@ -39,11 +45,22 @@ def main(params: dict) -> None:
     }
     data = eval_data(params)
     torch.manual_seed(seed)
-    model = load_model(get_str(params, "model"))
-    metrics = {"dense": evaluate_model(model, data, batch_size=batch_size, seed=seed, **latency)}
+    dense = load_model(get_str(params, "model"))
+    metrics = {"dense": evaluate_model(dense, data, batch_size=batch_size, seed=seed, **latency)}
+    if PRUNED.exists():
+        metrics.update(pruning_report(dense, metrics["dense"], PRUNED, MASKS, SCORES, data,
+                                      batch_size=batch_size, seed=seed, **latency))
     write_json(OUT, metrics)
-    zs = metrics["dense"].get("zeroshot", {})
-    print(f"evaluate: dense top-1 {zs.get('acc1', float('nan')):.4f}; metrics in {OUT}")
+    line = f"evaluate: dense top-1 {_top1(metrics['dense'])}"
+    if "pruned" in metrics:
+        line += (f", pruned top-1 {_top1(metrics['pruned'])} at {metrics['pruned']['kept_mac_fraction']:.3f} "
+                 f"of the MACs, latency ratio {metrics['pruned']['latency_ratio']['image']:.3f}")
+    print(f"{line}; metrics in {OUT}")
+
+
+def _top1(metrics: dict) -> str:
+    acc = metrics.get("zeroshot", {}).get("acc1")
+    return "n/a" if acc is None else f"{acc:.4f}"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 
 from pipeline_utils import copy_repo, dvc
 
@@ -23,7 +24,21 @@ def test_repro_writes_metrics_with_high_dense_accuracy(reproduced):
     assert dense["complexity"]["vision_prunable_gmacs"] > 0
     assert dense["latency_ms"]["image_batch"] > 0
     calibration = json.loads((reproduced / "data/prepared/calibration.json").read_text())
-    assert len(calibration["pairs"]) == 128
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    assert len(calibration["pairs"]) == params["calibrate"]["num_samples"]
+
+
+def test_repro_prunes_to_the_budget_and_exports_a_smaller_model(reproduced):
+    metrics = json.loads((reproduced / "reports/metrics.json").read_text())
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    pruned = metrics["pruned"]
+    # the exported model's searched towers cost no more than the budget (plus float rounding)
+    assert pruned["kept_mac_fraction"] <= params["search"]["constraint"] + 1e-6
+    assert pruned["complexity"]["params"] < metrics["dense"]["complexity"]["params"]
+    assert pruned["file_mb"] < metrics["dense_file_mb"]
+    # tuning is measured against search-only masks on the same data
+    assert set(metrics["steps"]) == {"search", "rearranged", "tuned"}
+    assert pruned["zeroshot"]["acc1"] == pytest.approx(metrics["steps"]["tuned"]["zeroshot"]["acc1"], abs=0.01)
 
 
 def test_second_repro_runs_nothing(reproduced):

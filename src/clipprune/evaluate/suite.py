@@ -32,11 +32,8 @@ def _loader(dataset, batch_size: int, collate=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate)
 
 
-def evaluate_model(model: ClipModel, data: EvalData, *, batch_size: int = 128, latency_batch: int = 32,
-                   latency_warmup: int = 3, latency_repeats: int = 10, seed: int = 0,
-                   progress: bool = True) -> dict:
-    """All metrics of one model as a nested dict (fractions in [0, 1], GMACs, parameter counts, ms)."""
-    model.eval()
+def accuracy_metrics(model: ClipModel, data: EvalData, *, batch_size: int = 128, progress: bool = True) -> dict:
+    """Zero-shot classification (when the data has a classification split) and image<->text retrieval."""
     metrics: dict = {}
     if data.classification is not None:
         classnames = load_classnames(data.classnames)
@@ -49,7 +46,15 @@ def evaluate_model(model: ClipModel, data: EvalData, *, batch_size: int = 128, l
         captions, range(min(data.max_retrieval_images, len(captions))))
     metrics["retrieval"] = evaluate_retrieval(model, _loader(subset, batch_size, collate_image_captions),
                                               batch_size=batch_size, progress=progress)
+    return metrics
 
+
+def evaluate_model(model: ClipModel, data: EvalData, *, batch_size: int = 128, latency_batch: int = 32,
+                   latency_warmup: int = 3, latency_repeats: int = 10, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """All metrics of one model as a nested dict (fractions in [0, 1], GMACs, parameter counts, ms)."""
+    model.eval()
+    metrics = accuracy_metrics(model, data, batch_size=batch_size, progress=progress)
     complexity = model_complexity(model)
     metrics["complexity"] = {
         "gmacs": complexity["total_gmacs"],
@@ -72,3 +77,68 @@ def measure_model_latency(model: ClipModel, batch_size: int, warmup: int, repeat
         "image_batch": 1000 * measure_latency(lambda: model.encode_image(images), warmup, repeats),
         "text_batch": 1000 * measure_latency(lambda: model.encode_text(tokens), warmup, repeats),
     }
+
+
+def evaluate_masked(model: ClipModel, masks: dict, data: EvalData, *, batch_size: int = 128,
+                    progress: bool = True) -> dict:
+    """:func:`accuracy_metrics` of ``model`` with ``masks`` applied by hooks (no physical pruning)."""
+    from ..models.masks import apply_masks
+
+    model.eval()
+    with apply_masks(model, masks):
+        return accuracy_metrics(model, data, batch_size=batch_size, progress=progress)
+
+
+def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup: int, repeats: int,
+                    seed: int) -> dict:
+    """Pruned / dense latency ratios of image and text encoding, measured interleaved in one run."""
+    from .latency import latency_ratio
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, dense.image_size, dense.image_size, generator=gen)
+    tokens = dense.tokenizer(["a photo of a thing"] * batch_size)
+    image = latency_ratio(lambda: pruned.encode_image(images), lambda: dense.encode_image(images), warmup, repeats)
+    text = latency_ratio(lambda: pruned.encode_text(tokens), lambda: dense.encode_text(tokens), warmup, repeats)
+    return {"image": image["ratio"], "text": text["ratio"]}
+
+
+def pruning_report(dense: ClipModel, dense_metrics: dict, pruned_dir: Path, mask_files: dict[str, Path],
+                   scores_file: Path, data: EvalData, *, batch_size: int = 128, latency_batch: int = 32,
+                   latency_warmup: int = 3, latency_repeats: int = 10, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """The pruned model next to the dense one.
+
+    Returns ``pruned`` (all of :func:`evaluate_model` plus kept MAC fraction of the searched towers,
+    params ratio, latency ratios pruned/dense measured interleaved, file size), ``dense_file_mb`` (the
+    dense model exported in the same format), ``steps`` (accuracy of the dense model masked by each
+    step's masks: search, rearranged, tuned) and ``pruning_time_s`` (wall time of score, search, tune).
+    """
+    import tempfile
+
+    from ..export import export_pruned, load_pruned
+    from ..models.masks import load_masks
+    from ..scoring import load_scores
+    from .complexity import file_size_mb, tower_complexity
+
+    pruned = load_pruned(pruned_dir)
+    report = {"pruned": evaluate_model(pruned, data, batch_size=batch_size, latency_batch=latency_batch,
+                                       latency_warmup=latency_warmup, latency_repeats=latency_repeats, seed=seed,
+                                       progress=progress)}
+    metas = {step: load_masks(path, with_metadata=True)[1] for step, path in mask_files.items()}
+    searched = sorted(metas["search"]["summary"]["towers"])
+    dense_gmacs = sum(tower_complexity(dense, t)["prunable_gmacs"] for t in searched)
+    pruned_gmacs = sum(tower_complexity(pruned, t)["prunable_gmacs"] for t in searched)
+    report["pruned"]["kept_mac_fraction"] = pruned_gmacs / dense_gmacs
+    report["pruned"]["params_ratio"] = report["pruned"]["complexity"]["params"] / dense_metrics["complexity"]["params"]
+    report["pruned"]["latency_ratio"] = compare_latency(pruned, dense, latency_batch, latency_warmup,
+                                                        latency_repeats, seed)
+    report["pruned"]["file_mb"] = file_size_mb(pruned_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["dense_file_mb"] = file_size_mb(export_pruned(dense, None, Path(tmp) / "dense"))
+    report["steps"] = {step: evaluate_masked(dense, load_masks(path), data, batch_size=batch_size,
+                                             progress=progress)
+                       for step, path in mask_files.items()}
+    times = {"score": load_scores(scores_file).meta.get("wall_time_s"),
+             "search": metas["search"].get("wall_time_s"), "tune": metas["tuned"].get("wall_time_s")}
+    report["pruning_time_s"] = {**times, "total": sum(v for v in times.values() if v is not None)}
+    return report

@@ -1,0 +1,25 @@
+"""Stage export: slice the model by the tuned masks (scales folded in) into artifacts/models/pruned/."""
+import time
+from pathlib import Path
+
+from _common import run_stage
+from clipprune.export import export_pruned
+from clipprune.models import load_model
+from clipprune.models.masks import load_masks, validate_masks
+from clipprune.params import get_str
+
+MASKS = Path("artifacts/masks/tuned.safetensors")
+OUT = Path("artifacts/models/pruned")
+
+
+def main(params: dict) -> None:
+    model = load_model(get_str(params, "model"))
+    masks = load_masks(MASKS)
+    validate_masks(model, masks, str(MASKS))  # a mismatch names the file, not an internal variable
+    start = time.perf_counter()
+    export_pruned(model, masks, OUT)
+    print(f"export: wrote {OUT} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    run_stage("export", main)

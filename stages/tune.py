@@ -1,0 +1,60 @@
+"""Stage tune: Kwon's rearrangement, then least-squares mask tuning against the dense model."""
+import time
+from pathlib import Path
+
+from _common import run_stage
+from clipprune.data.sources import check_dataset_name
+from clipprune.errors import MaskError
+from clipprune.io import write_json
+from clipprune.models import load_model
+from clipprune.models.masks import load_masks, save_masks, validate_masks
+from clipprune.params import get_bool, get_float, get_int, get_str
+from clipprune.scoring import calibration_loader, load_scores
+from clipprune.tuning import rearrange_masks, tune_masks
+
+CALIBRATION = Path("data/prepared/calibration.json")
+SCORES = Path("artifacts/scores/scores.safetensors")
+SEARCHED = Path("artifacts/masks/search.safetensors")
+REARRANGED = Path("artifacts/masks/rearranged.safetensors")
+TUNED = Path("artifacts/masks/tuned.safetensors")
+REPORT = Path("artifacts/masks/tune_report.json")
+
+
+def main(params: dict) -> None:
+    rearrange = get_bool(params, "tune.rearrange")
+    lsq = get_bool(params, "tune.lsq")
+    damp = get_float(params, "tune.damp", low=0)
+    max_scale = get_float(params, "tune.max_scale", low=0, low_open=True)
+    batch_size = get_int(params, "tune.batch_size", min_value=1)
+    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
+    masks, search_meta = load_masks(SEARCHED, with_metadata=True)
+    model = load_model(get_str(params, "model"))
+    validate_masks(model, masks, str(SEARCHED))  # a mismatch names the file, not an internal variable
+    report = {"rearrange": [], "lsq": {}}
+
+    start = time.perf_counter()
+    if rearrange:
+        grads = load_scores(SCORES).grads
+        try:
+            masks = rearrange_masks(masks, grads, report=report["rearrange"], progress=True)
+        except MaskError as err:  # gradients of another model, NaN/inf, non-binary masks: name the files
+            raise MaskError(f"{SEARCHED} with the gradients of {SCORES}: {err}") from None
+    rearrange_time = time.perf_counter() - start
+    rearranged = masks
+    if lsq:
+        loader = calibration_loader(root / get_str(params, "data.layout.train_images"),
+                                    root / get_str(params, "data.layout.train_captions"),
+                                    CALIBRATION, model.preprocess, batch_size)
+        masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
+                                          batch_size=batch_size, progress=True)
+    wall = time.perf_counter() - start
+
+    meta = {**search_meta, "rearrange": rearrange, "lsq": lsq, "damp": damp, "max_scale": max_scale}
+    save_masks(REARRANGED, rearranged, {**meta, "wall_time_s": rearrange_time})
+    write_json(REPORT, report)
+    save_masks(TUNED, masks, {**meta, "wall_time_s": wall})  # last: its presence marks a finished stage
+    print(f"tune: rearrange={rearrange} lsq={lsq} in {wall:.1f} s; wrote {TUNED}")
+
+
+if __name__ == "__main__":
+    run_stage("tune", main)
