@@ -12,7 +12,7 @@ from clipprune.params import get, get_int, get_str
 
 OUT = Path("reports/metrics.json")
 PRUNED = Path("artifacts/models/pruned")
-SCORES = Path("artifacts/scores/scores.safetensors")
+TIMING = {stage: Path(f"reports/timing/{stage}.json") for stage in ("score", "search", "tune")}
 MASKS = {"search": Path("artifacts/masks/search.safetensors"),
          "rearranged": Path("artifacts/masks/rearranged.safetensors"),
          "tuned": Path("artifacts/masks/tuned.safetensors")}
@@ -48,7 +48,7 @@ def main(params: dict) -> None:
     dense = load_model(get_str(params, "model"))
     metrics = {"dense": evaluate_model(dense, data, batch_size=batch_size, seed=seed, **latency)}
     if PRUNED.exists():
-        metrics.update(pruning_report(dense, metrics["dense"], PRUNED, MASKS, SCORES, data,
+        metrics.update(pruning_report(dense, metrics["dense"], PRUNED, MASKS, TIMING, data,
                                       batch_size=batch_size, seed=seed, **latency))
     write_json(OUT, metrics)
     line = f"evaluate: dense top-1 {_top1(metrics['dense'])}"

@@ -103,7 +103,7 @@ def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup
 
 
 def pruning_report(dense: ClipModel, dense_metrics: dict, pruned_dir: Path, mask_files: dict[str, Path],
-                   scores_file: Path, data: EvalData, *, batch_size: int = 128, latency_batch: int = 32,
+                   timing_files: dict[str, Path], data: EvalData, *, batch_size: int = 128, latency_batch: int = 32,
                    latency_warmup: int = 3, latency_repeats: int = 10, seed: int = 0,
                    progress: bool = True) -> dict:
     """The pruned model next to the dense one.
@@ -111,13 +111,14 @@ def pruning_report(dense: ClipModel, dense_metrics: dict, pruned_dir: Path, mask
     Returns ``pruned`` (all of :func:`evaluate_model` plus kept MAC fraction of the searched towers,
     params ratio, latency ratios pruned/dense measured interleaved, file size), ``dense_file_mb`` (the
     dense model exported in the same format), ``steps`` (accuracy of the dense model masked by each
-    step's masks: search, rearranged, tuned) and ``pruning_time_s`` (wall time of score, search, tune).
+    step's masks: search, rearranged, tuned) and ``pruning_time_s`` (wall time of each pruning stage, read
+    from ``timing_files``: JSON files with a ``wall_time_s`` key).
     """
     import tempfile
 
     from ..export import export_pruned, load_pruned
     from ..models.masks import load_masks
-    from ..scoring import load_scores
+    import json
     from .complexity import file_size_mb, tower_complexity
 
     pruned = load_pruned(pruned_dir)
@@ -138,7 +139,7 @@ def pruning_report(dense: ClipModel, dense_metrics: dict, pruned_dir: Path, mask
     report["steps"] = {step: evaluate_masked(dense, load_masks(path), data, batch_size=batch_size,
                                              progress=progress)
                        for step, path in mask_files.items()}
-    times = {"score": load_scores(scores_file).meta.get("wall_time_s"),
-             "search": metas["search"].get("wall_time_s"), "tune": metas["tuned"].get("wall_time_s")}
-    report["pruning_time_s"] = {**times, "total": sum(v for v in times.values() if v is not None)}
+    times = {step: json.loads(Path(path).read_text())["wall_time_s"]
+             for step, path in timing_files.items() if Path(path).is_file()}
+    report["pruning_time_s"] = {**times, "total": sum(times.values())}
     return report
