@@ -183,12 +183,12 @@ def verdict(value: float, goal: float) -> str:
     return "PASS" if value <= goal else "MISS"
 
 
-def print_table(figures: dict) -> None:
+def print_table(figures: dict, c_measured: bool) -> None:
     rows = [
         ("(a) latency ratio pruned/dense", figures["latency_ratio"], GOALS["latency_ratio"], "{:.3f}"),
         ("(b) pruning cost / data passes", figures["passes_ratio"], GOALS["passes_ratio"], "{:.2f}"),
-        (f"(c) projected minutes for {PROJECTED_SAMPLES}", figures["projected_minutes"],
-         GOALS["projected_minutes"], "{:.1f}"),
+        (f"(c) {'measured' if c_measured else 'projected'} minutes for {PROJECTED_SAMPLES}",
+         figures["projected_minutes"], GOALS["projected_minutes"], "{:.1f}"),
     ]
     print()
     print(f"{'figure':<38} {'measured':>10} {'goal':>8}  result")
@@ -291,8 +291,10 @@ def main(argv=None) -> int:
     print(f"  CPU time projected for {PROJECTED_SAMPLES} samples: {projected_cpu_minutes:.2f} CPU-minutes over "
           f"{args.threads} thread(s); idle-machine estimate {projected_cpu_minutes / args.threads:.2f} min "
           f"(CPU / threads: perfect scaling; threads spin-waiting on a loaded machine inflate it)")
-    figures = {"latency_ratio": latency["ratio"], "passes_ratio": passes, "projected_minutes": projected_minutes}
-    print_table(figures)
+    # the goal of (c) is judged on the measured time when --measure-2048 gave one
+    minutes_2048 = measured_2048.total / 60 if measured_2048 else projected_minutes
+    figures = {"latency_ratio": latency["ratio"], "passes_ratio": passes, "projected_minutes": minutes_2048}
+    print_table(figures, c_measured=measured_2048 is not None)
     print(f"load average at end: {load_end} ({os.cpu_count()} cores)")
 
     if args.json:
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
             "fisher_step_seconds": step, "fisher_step_samples": step_times,
             "component_seconds": run.seconds, "component_cpu_seconds": run.cpu_seconds,
             "pipeline_info": run.info, "projected_cpu_minutes_2048": projected_cpu_minutes,
-            "projected_seconds_2048": projected,
+            "projected_seconds_2048": projected, "projected_minutes_2048": projected_minutes,
             "measured_seconds_2048": measured_2048.seconds if measured_2048 else None,
             "figures": figures, "goals": GOALS,
             "verdicts": {k: verdict(v, GOALS[k]) for k, v in figures.items()},
