@@ -34,6 +34,7 @@ import torch
 from clipprune import flops
 from clipprune.evaluate.latency import latency_ratio
 from clipprune.io import write_json
+from clipprune.models.loading import wrap_open_clip
 from clipprune.models.open_clip_adapter import OpenClipModel, build_open_clip_module
 from clipprune.models.prune import prune_model
 from clipprune.scoring import frozen_parameters, mask_gradients, score_model
@@ -79,20 +80,7 @@ def build_model(arch: str, quick: bool) -> tuple[OpenClipModel, torch.nn.Module]
         tokenizer_arch, name = arch, f"open_clip:{arch}/random"
     module = module.float().eval()
     original = copy.deepcopy(module)  # the adapter converts attention in place; keep the stock module
-    pp = dict(getattr(module.visual, "preprocess_cfg", {}) or {})
-    size = pp.get("size", module.visual.image_size)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    config = {
-        "family": "open_clip",
-        "model_cfg": model_cfg,
-        "image_size": int(size),
-        "image_mean": list(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        "image_std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
-        "interpolation": pp.get("interpolation"),
-        "resize_mode": pp.get("resize_mode"),
-        "tokenizer": {"arch": tokenizer_arch, "context_length": int(model_cfg["text_cfg"].get("context_length", 77))},
-    }
-    return OpenClipModel(module, name, config).eval(), original
+    return wrap_open_clip(module, name, model_cfg, tokenizer_arch).eval(), original
 
 
 def make_calibration(model: OpenClipModel, samples: int, batch_size: int, seed: int

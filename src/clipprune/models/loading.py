@@ -162,10 +162,24 @@ def _load_open_clip(spec: str, device: str) -> ClipModel:
             f"the HF/open_clip cache (HF_HOME) on a machine with internet, or pass a local checkpoint file "
             f"as open_clip:{arch}/<path>"
         ) from err
+    return wrap_open_clip(module, f"open_clip:{spec}", open_clip.get_model_config(arch), arch,
+                          preprocess=preprocess).to(device)
+
+
+def wrap_open_clip(module, name: str, model_cfg: dict, tokenizer_arch: str | None = None,
+                   preprocess=None) -> "OpenClipModel":
+    """Wrap an already built open_clip ``CLIP`` (its attention is converted in place) as ``load_model`` does.
+
+    ``model_cfg``: the open_clip model config it was built from; ``tokenizer_arch``: the architecture whose
+    tokenizer to use (None: open_clip's bundled BPE tokenizer with the config's context length).
+    """
+    import open_clip
+
+    from .open_clip_adapter import OpenClipModel
+
     pp = dict(getattr(module.visual, "preprocess_cfg", {}) or {})
     size = pp.get("size", module.visual.image_size)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    model_cfg = open_clip.get_model_config(arch)
     config = {
         "family": "open_clip",
         "model_cfg": model_cfg,
@@ -174,9 +188,10 @@ def _load_open_clip(spec: str, device: str) -> ClipModel:
         "image_std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
         "interpolation": pp.get("interpolation"),
         "resize_mode": pp.get("resize_mode"),
-        "tokenizer": {"arch": arch, "context_length": int(model_cfg["text_cfg"].get("context_length", 77))},
+        "tokenizer": {"arch": tokenizer_arch,
+                      "context_length": int(model_cfg["text_cfg"].get("context_length", 77))},
     }
-    return OpenClipModel(module.float().eval(), f"open_clip:{spec}", config, preprocess=preprocess).to(device)
+    return OpenClipModel(module.float().eval(), name, config, preprocess=preprocess)
 
 
 def _hub_offline() -> bool:
