@@ -169,7 +169,7 @@ def test_score_killed_mid_run_leaves_nothing_and_rerun_is_identical(repo):
         assert not stale.exists()
         assert live.exists()
         lock = yaml.safe_load((repo / "dvc.lock").read_text())
-        assert [out["path"] for out in lock["stages"]["score"]["outs"]] == [SCORES]
+        assert [out["path"] for out in lock["stages"]["score"]["outs"]] == [SCORES, "reports/timing/score.json"]
         assert "changed" not in dvc(repo, "status", "score").stdout
     finally:
         live.unlink()
