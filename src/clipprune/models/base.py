@@ -156,12 +156,18 @@ class ClipModel:
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """The multiplier of cosine similarities, exp(learned log-scale), as a 0-dim tensor with grad."""
-        raise NotImplementedError
+        """The multiplier of cosine similarities, exp(learned log-scale), as a 0-dim tensor with grad.
+
+        Both families keep the learned log-scale as ``module.logit_scale``.
+        """
+        return self.module.logit_scale.exp()
 
     def export_config(self) -> dict:
-        """JSON-serialisable description from which the (unpruned) architecture can be rebuilt offline."""
-        raise NotImplementedError
+        """JSON-serialisable description from which the (unpruned) architecture can be rebuilt offline.
+
+        Adapters keep it in ``self._config`` (set when they are built).
+        """
+        return _copy.deepcopy(self._config)
 
     # conveniences shared by both families -------------------------------------------------------
     def eval(self) -> "ClipModel":

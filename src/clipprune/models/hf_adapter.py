@@ -121,14 +121,6 @@ class HFClipModel(ClipModel):
         out = self.module.get_text_features(input_ids=tokens)
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """Multiplier of the cosine similarities: exp of the learned log-scale (keeps the graph)."""
-        return self.module.logit_scale.exp()
-
-    def export_config(self) -> dict:
-        return copy.deepcopy(self._config)
-
     def tower_param_count(self, tower: str) -> int:
         if tower == "vision":
             parts = (self.module.vision_model, self.module.visual_projection)

@@ -170,6 +170,17 @@ def _register_hooks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> list
 
 
 @contextlib.contextmanager
+def _hooks_registered(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Mask hooks on the model for the duration of the block (validated masks only)."""
+    handles = _register_hooks(model, masks)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator[ClipModel]:
     """Within the block, the model's forward passes are masked; hooks are removed on exit.
 
@@ -177,12 +188,8 @@ def apply_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> Iterator
     masks scale the input of ``mlp_out_module``. Masks may require grad: gradients flow to them.
     """
     validate_masks(model, masks, "masks")
-    handles = _register_hooks(model, masks)
-    try:
+    with _hooks_registered(model, masks):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _check_batch_first(model: ClipModel, tower_name: str) -> None:
@@ -227,12 +234,8 @@ def apply_sample_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> I
     the gradient through sample ``b``'s own activations (per-sample gradients without per-sample backwards).
     """
     validate_sample_masks(model, masks, "masks")
-    handles = _register_hooks(model, masks)
-    try:
+    with _hooks_registered(model, masks):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:

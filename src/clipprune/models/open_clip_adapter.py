@@ -184,14 +184,6 @@ class OpenClipModel(ClipModel):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.module.encode_text(tokens)
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """Multiplier of the cosine similarities: exp of the learned log-scale (keeps the graph)."""
-        return self.module.logit_scale.exp()
-
-    def export_config(self) -> dict:
-        return copy.deepcopy(self._config)
-
     def tower_param_count(self, tower: str) -> int:
         if tower == "vision":
             return sum(p.numel() for p in self.module.visual.parameters())
