@@ -26,13 +26,12 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from clipprune.data.archive import fetch_and_extract
 from clipprune.data.coco import CocoCaptions
 from clipprune.data.digits import digit_records
 from clipprune.data.imagefolder import load_classnames, load_templates
-from clipprune.io import atomic_dir
+from clipprune.io import atomic_dir, save_safetensors
 
 MODEL_CFG = {
     "embed_dim": 64,
@@ -150,7 +149,7 @@ def main() -> None:
     config = {"family": "open_clip", "model_cfg": MODEL_CFG, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}
     with atomic_dir(args.out) as out:
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(out / "model.safetensors"), metadata={"trained_by": "scripts/train_fixture_model.py"})
+        save_safetensors(out / "model.safetensors", state, {"trained_by": "scripts/train_fixture_model.py"})
         (out / "train_log.json").write_text(json.dumps({"args": vars(args), "epochs": log, "final": final},
                                                        indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -107,6 +107,8 @@ def test_raw_data_and_calibration_are_identical(runs):
 
 
 def test_scores_are_bit_identical(runs):
+    a, b = runs
+    assert (a / SCORES).read_bytes() == (b / SCORES).read_bytes()  # header included: DVC hashes whole files
     (tensors_a, meta_a), (tensors_b, meta_b) = (read_safetensors(root / SCORES) for root in runs)
     assert set(tensors_a) >= {"vision.head", "vision.neuron", "vision.head.grads", "vision.neuron.grads"}
     assert tensors_a == tensors_b
@@ -117,6 +119,8 @@ def test_scores_are_bit_identical(runs):
 
 @pytest.mark.parametrize("rel", MASKS)
 def test_masks_are_bit_identical(runs, rel):
+    a, b = runs
+    assert (a / rel).read_bytes() == (b / rel).read_bytes()
     (tensors_a, meta_a), (tensors_b, meta_b) = (read_safetensors(root / rel) for root in runs)
     assert set(tensors_a) == {"vision.head", "vision.neuron"}
     assert tensors_a == tensors_b

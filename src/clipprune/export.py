@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from .errors import ClipPruneError, ModelLoadError
-from .io import atomic_dir
+from .io import atomic_dir, save_safetensors
 from .models.base import ClipModel
 from .models.masks import validate_masks
 from .models.prune import prune_in_place, prune_model
@@ -47,8 +47,6 @@ def export_pruned(model: ClipModel, masks: Mapping[str, torch.Tensor] | None, ou
 
     ``masks=None`` exports the model as it is (e.g. an already pruned or distilled model).
     """
-    from safetensors.torch import save_file
-
     if masks is not None:
         validate_masks(model, masks, "masks")
         pruned = prune_model(model, masks)
@@ -64,8 +62,8 @@ def export_pruned(model: ClipModel, masks: Mapping[str, torch.Tensor] | None, ou
     state = {k: v.detach().to("cpu").contiguous() for k, v in pruned.module.state_dict().items()}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "clipprune-pruned",
-                                                            "format_version": str(FORMAT_VERSION)})
+        save_safetensors(tmp / WEIGHTS_NAME, state, {"format": "clipprune-pruned",
+                                                     "format_version": str(FORMAT_VERSION)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         saver = getattr(pruned.tokenizer, "save_pretrained", None)
         if pruned.family == "hf" and saver is not None:

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from ..errors import MaskError, ParamError
-from ..io import atomic_path
+from ..io import save_safetensors
 from .base import TOWERS, ClipModel
 
 KINDS = ("head", "neuron")
@@ -240,15 +240,12 @@ def apply_sample_masks(model: ClipModel, masks: Mapping[str, torch.Tensor]) -> I
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:
     """Write masks to a safetensors file atomically; metadata values are stored JSON-encoded."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for key, mask in masks.items():
         parse_mask_key(key)
         tensors[key] = mask.detach().to("cpu", torch.float32).contiguous()
     meta = {str(k): json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(path, tensors, meta)
 
 
 def load_masks(path: str | os.PathLike, with_metadata: bool = False):

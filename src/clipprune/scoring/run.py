@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from clipprune.data.calibration import read_calibration
 from clipprune.data.coco import CocoCaptions, collate_image_caption_pairs
 from clipprune.errors import ClipPruneError, ParamError
-from clipprune.io import atomic_path
+from clipprune.io import save_safetensors
 from clipprune.models.base import ClipModel
 
 from .losses import get_loss
@@ -78,14 +78,11 @@ def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = 
 
 def save_scores(path: str | os.PathLike, result: ScoreResult, metadata: Mapping | None = None) -> Path:
     """Write scores, gradient rows and metadata (``result.meta`` updated by ``metadata``) atomically."""
-    from safetensors.torch import save_file
-
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in result.tensors().items()}
     meta = {**result.meta, **dict(metadata or {})}
     encoded = {str(k): json.dumps(v, sort_keys=True) for k, v in meta.items()}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=encoded)
+    save_safetensors(path, tensors, encoded)
     return path
 
 
