@@ -1,4 +1,5 @@
 """Stage tune: Kwon's rearrangement, then least-squares mask tuning against the dense model."""
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def main(params: dict) -> None:
 
     start = time.perf_counter()
     if rearrange:
-        grads = load_scores(SCORES).grads
+        scores = load_scores(SCORES)
+        grads = scores.grads
+        without = sorted(k for k in masks if f"{k}.grads" not in grads and k not in grads)
+        if without:  # e.g. magnitude scores: nothing to rearrange by, say so instead of silently skipping
+            print(f"tune: warning: {SCORES} holds no mask gradients for {', '.join(without)} "
+                  f"(criterion {scores.meta.get('criterion')!r}); those masks are not rearranged",
+                  file=sys.stderr)
         try:
             masks = rearrange_masks(masks, grads, report=report["rearrange"], progress=True)
         except MaskError as err:  # gradients of another model, NaN/inf, non-binary masks: name the files

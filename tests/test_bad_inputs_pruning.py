@@ -107,7 +107,7 @@ def test_search_constraint_above_one(bad):
 @pytest.mark.slow
 def test_search_method_unknown(bad):
     bad.set(search__method="greedy")
-    mentions(bad.run("search"), "search.method must be one of mac, uniform; got 'greedy'")
+    mentions(bad.run("search"), "search.method must be one of ", "mac", "uniform", "; got 'greedy'")
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_search_before_score(bad):
 @pytest.mark.slow
 def test_score_criterion_unknown(bad):
     bad.set(score__criterion="taylor")
-    mentions(bad.run("score"), "score.criterion must be one of fisher, magnitude; got 'taylor'")
+    mentions(bad.run("score"), "score.criterion must be one of ", "fisher", "magnitude", "; got 'taylor'")
 
 
 @pytest.mark.slow
@@ -294,3 +294,29 @@ def test_the_copy_ran_the_pipeline_with_small_calibration(repo):
     masks, metadata = read_safetensors(repo / SEARCHED)
     assert set(masks) == {"vision.head", "vision.neuron"}
     assert json.loads(metadata["constraint"]) == 0.5
+
+
+# ---------------------------------------------------------------- tune warnings (in-process)
+
+def test_tune_warns_when_scores_hold_no_gradients(repo, tmp_path, monkeypatch, capsys):
+    """Magnitude scores carry no mask gradients: rearrangement cannot run and the stage must say so."""
+    tensors, metadata = read_safetensors(repo / SCORES)
+    no_grads = {k: v for k, v in tensors.items() if not k.endswith(".grads")}
+    scores = tmp_path / "scores.safetensors"
+    scores.write_bytes(safetensors_bytes(no_grads, {**metadata, "criterion": json.dumps("magnitude")}))
+    monkeypatch.chdir(repo)
+    monkeypatch.syspath_prepend(str(repo / "stages"))
+    spec = importlib.util.spec_from_file_location("_tune_warning", repo / "stages" / "tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.SCORES = scores
+    for name in ("REARRANGED", "TUNED", "REPORT", "TIMING"):  # keep the shared copy's outs untouched
+        setattr(module, name, tmp_path / Path(getattr(module, name)).name)
+    params = load_params(repo / "params.yaml")
+    params["tune"]["lsq"] = False
+    module.main(params)
+    err = capsys.readouterr().err
+    mentions(err, "tune: warning:", str(scores), "no mask gradients", "vision.head", "'magnitude'", "not rearranged")
+    searched, _ = read_safetensors(repo / SEARCHED)
+    rearranged, _ = read_safetensors(tmp_path / "rearranged.safetensors")
+    assert all(torch.equal(searched[k], rearranged[k]) for k in searched)
