@@ -51,10 +51,16 @@ def _string_list(path: Path, key: str | None, what: str) -> list[str]:
     return data
 
 
-def load_classnames(path: str | os.PathLike, key: str | None = None) -> list[str]:
-    """Class names in label order from a JSON list (or ``data[key]`` of a CLIP_benchmark mapping)."""
+def load_classnames(path: str | os.PathLike, key: str | None = None, allow_duplicates: bool = False) -> list[str]:
+    """Class names in label order from a JSON list (or ``data[key]`` of a CLIP_benchmark mapping).
+
+    Duplicates are an error unless ``allow_duplicates``: CLIP_benchmark's ``imagenet1k`` list names two
+    classes "missile" and two "sunglasses", which is fine when labels come from sorted folders (wnids).
+    """
     path = Path(path)
     names = _string_list(path, key, "class names")
+    if allow_duplicates:
+        return names
     seen: set[str] = set()
     for name in names:
         if name in seen:
