@@ -87,3 +87,17 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert not list(tmp_path.iterdir())
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"x")
+        from clipprune.io import atomic_dir
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "inner").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

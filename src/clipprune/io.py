@@ -47,6 +47,12 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
 def _temp_prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
@@ -62,6 +68,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes owner-only files; give the output the usual umask mode
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -77,6 +85,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             if old.exists():
