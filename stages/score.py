@@ -8,6 +8,7 @@ from clipprune.models import load_model
 from clipprune.params import get, get_int, get_str
 from clipprune.scoring import (GRANULARITIES, available_criteria, available_losses, calibration_loader,
                                get_criterion, save_scores, score_model)
+from clipprune.scoring.taylor_entropy import scored_only
 
 CALIBRATION = Path("data/prepared/calibration.json")
 OUT = Path("artifacts/scores/scores.safetensors")
@@ -35,6 +36,8 @@ def main(params: dict) -> None:
                          seed=seed, options=options)
     meta = dict(result.meta)
     result.meta.pop("wall_time_s", None)  # timings go to reports/timing/: the artifact stays byte-identical
+    # keys a criterion did not score (taylor_entropy: heads) are left out: searches keep those units whole
+    result.scores = scored_only(result.scores, result.meta)
     save_scores(OUT, result, {"model": model_name, "calibration": str(CALIBRATION), "batch_size": batch_size})
     write_json(TIMING, {"wall_time_s": meta["wall_time_s"], "samples": meta["num_samples"]})
     print(f"score: {criterion} on {meta['num_samples']} samples in {meta['wall_time_s']:.1f} s; wrote {OUT}")

@@ -1,19 +1,29 @@
-"""Stage search: binary head/neuron masks under `search.constraint` of the MAC or params budget."""
+"""Stage search: binary head/neuron masks under `search.constraint` of the MAC or params budget.
+
+Methods that measure the model (`adaptive`, AMP) instead get the model and a held-out split of the train
+data (`search.holdout_samples` images not used for calibration, drawn with `seed`); their widths follow
+`search.loss_inc_thresh` and `search.constraint` is not used.
+"""
 import time
 from pathlib import Path
 
 from _common import run_stage
+from clipprune.data.sources import check_dataset_name
 from clipprune.errors import MaskError, ParamError
 from clipprune.io import write_json
 from clipprune.models import load_model
-from clipprune.models.masks import save_masks
-from clipprune.params import get, get_str
+from clipprune.models.masks import full_masks, save_masks
+from clipprune.params import get, get_float, get_int, get_str
 from clipprune.scoring import load_scores
 from clipprune.search import (available_searches, check_constraint, check_metric, check_scores, get_search,
                               mask_summary)
+from clipprune.search.adaptive import holdout_loader, plot_trace
 
 SCORES = Path("artifacts/scores/scores.safetensors")
+CALIBRATION = Path("data/prepared/calibration.json")
 OUT = Path("artifacts/masks/search.safetensors")
+TRACE = Path("artifacts/masks/search_trace.json")
+PLOT = Path("reports/plots/search_trace.png")
 TIMING = Path("reports/timing/search.json")
 
 
@@ -24,8 +34,22 @@ def main(params: dict) -> None:
     options = get(params, "search.options", default=None) or {}
     if not isinstance(options, dict):
         raise ParamError(f"search.options must be a mapping of option names to values, got {options!r}")
+    search = get_search(method)
     scores = load_scores(SCORES)
     model = load_model(get_str(params, "model"))
+    context, trace, extra = {}, {"method": method, "layers": []}, {}
+    if search.needs_model:
+        if "loss_inc_thresh" in options:
+            raise ParamError("search.options.loss_inc_thresh is not an option: set search.loss_inc_thresh")
+        extra["loss_inc_thresh"] = get_float(params, "search.loss_inc_thresh", low=0)
+        root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
+        holdout = holdout_loader(root / get_str(params, "data.layout.train_images"),
+                                 root / get_str(params, "data.layout.train_captions"), CALIBRATION,
+                                 model.preprocess, get_int(params, "search.holdout_samples", min_value=2),
+                                 get_int(params, "seed", min_value=0))
+        context = {"model": model, "holdout": holdout, "report": trace}
+        print(f"search: method {method} does not use search.constraint ({constraint}); the kept widths follow "
+              f"search.loss_inc_thresh={extra['loss_inc_thresh']}")
     start = time.perf_counter()
     views = {tower: model.towers[tower].block_views() for tower in model.towers}
     try:  # scores from another model or with NaN/inf: say which file is at fault
@@ -33,14 +57,21 @@ def main(params: dict) -> None:
     except MaskError as err:
         raise MaskError(f"{SCORES}: {err}") from None
     views = {tower: views[tower] for tower in searched}
-    masks = get_search(method)(scores.scores, views, constraint, metric, **options)
+    masks = search(scores.scores, views, constraint, metric, **context, **extra, **options)
+    # a kind without scores (e.g. heads under taylor_entropy) is kept whole: write it out explicitly
+    for key, full in full_masks(model, searched).items():
+        masks.setdefault(key, full)
     wall = time.perf_counter() - start
     summary = mask_summary(masks, views, metric)
-    save_masks(OUT, masks, {"method": method, "metric": metric, "constraint": constraint,
-                            "summary": summary})
+    used = not search.needs_model
+    save_masks(OUT, masks, {"method": method, "metric": metric, "constraint": constraint if used else None,
+                            "summary": summary, **extra})
+    write_json(TRACE, trace)
+    plot_trace(trace, PLOT)
     write_json(TIMING, {"wall_time_s": wall})
-    print(f"search: {method} kept {summary['kept_fraction']:.4f} of the {metric} budget "
-          f"(constraint {constraint}); wrote {OUT}")
+    budget = f"constraint {constraint}" if used else f"loss_inc_thresh {extra['loss_inc_thresh']}, constraint unused"
+    print(f"search: {method} kept {summary['kept_fraction']:.4f} of the prunable {metric} cost ({budget}); "
+          f"wrote {OUT}")
 
 
 if __name__ == "__main__":

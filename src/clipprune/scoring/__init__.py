@@ -9,6 +9,8 @@ from .registry import (GRADS_SUFFIX, GRANULARITIES, ScoreResult, available_crite
 from .losses import available_losses, contrastive, entropy, get_loss, register_loss
 from . import fisher as _fisher  # noqa: F401  (registers "fisher")
 from . import magnitude as _magnitude  # noqa: F401  (registers "magnitude")
+from . import taylor_entropy as _taylor_entropy  # noqa: F401  (registers "taylor_entropy", loss "entropy_image_text")
+from . import label_free as _label_free, abs_gradient as _abs_gradient  # noqa: F401  (LFPR: "label_free" + loss "max_logit", "abs_gradient")
 from .fisher import fisher_scores, frozen_parameters, mask_gradients
 from .magnitude import magnitude_scores
 from .run import calibration_loader, load_scores, save_scores, score_model
