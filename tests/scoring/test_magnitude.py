@@ -72,3 +72,29 @@ def test_magnitude_of_a_pruned_model_keeps_kept_units_and_pads_with_zero():
     torch.testing.assert_close(pruned["vision.head"][1], dense["vision.head"][1])
     assert pruned["vision.neuron"][1].eq(0).all()
     torch.testing.assert_close(pruned["vision.neuron"][0], dense["vision.neuron"][0])
+
+
+def test_l1_norm_option_sums_absolute_weights():
+    plain = random_open_clip_module(seed=3)
+    original = copy.deepcopy(plain)
+    model = OpenClipModel(plain, "test:open_clip", open_clip_config())
+    result = get_criterion("magnitude")(model, None, towers="vision", norm="l1")
+    assert result.meta["norm"] == "l1"
+    block = original.visual.transformer.resblocks[0]
+    d, heads = block.attn.embed_dim, block.attn.num_heads
+    dh = d // heads
+    q, k, v = block.attn.in_proj_weight.detach().split(d)
+    out = block.attn.out_proj.weight.detach()
+    rows = slice(0, dh)
+    expected_head = sum(float(w[rows].abs().sum()) for w in (q, k, v)) + float(out[:, rows].abs().sum())
+    assert result.scores["vision.head"][0, 0].item() == pytest.approx(expected_head, rel=1e-5)
+    fc1, fc2 = block.mlp.c_fc.weight.detach(), block.mlp.c_proj.weight.detach()
+    expected_neuron = float(fc1[3].abs().sum() + fc2[:, 3].abs().sum())
+    assert result.scores["vision.neuron"][0, 3].item() == pytest.approx(expected_neuron, rel=1e-5)
+
+
+def test_unknown_norm_is_a_named_error():
+    from clipprune.errors import ParamError
+    model = OpenClipModel(random_open_clip_module(seed=4), "test:open_clip", open_clip_config())
+    with pytest.raises(ParamError, match=r"^score\.options\.norm must be one of l2, l1; got 'l3'$"):
+        get_criterion("magnitude")(model, None, towers="vision", norm="l3")

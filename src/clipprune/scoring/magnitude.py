@@ -1,4 +1,4 @@
-"""Weight-magnitude baseline: a unit's score is the L2 norm of the weights that exist only for it.
+"""Weight-magnitude baseline: a unit's score is the L2 (or L1) norm of the weights that exist only for it.
 
 Head h: its q, k and v projection rows and its out_proj columns. Neuron j: its fc1 row and fc2 column.
 Biases are not counted. No data is needed (the loader is ignored) and no gradient rows are returned.
@@ -7,30 +7,47 @@ from __future__ import annotations
 
 import torch
 
-from clipprune.errors import ClipPruneError
+from clipprune.errors import ClipPruneError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.models.masks import mask_shape
 
 from .registry import ScoreResult, register_criterion
 
 
-def _head_norms(attention, heads: int, head_dim: int) -> torch.Tensor:
-    squares = torch.zeros(heads, dtype=torch.float64)
+NORMS = ("l2", "l1")
+
+
+def _power(weight: torch.Tensor, norm: str) -> torch.Tensor:
+    """|w|² for the L2 norm, |w| for L1 (summed per unit, then rooted by ``_finish``)."""
+    w = weight.detach().double()
+    return w.pow(2) if norm == "l2" else w.abs()
+
+
+def _finish(total: torch.Tensor, norm: str) -> torch.Tensor:
+    return total.sqrt() if norm == "l2" else total
+
+
+def _head_norms(attention, heads: int, head_dim: int, norm: str = "l2") -> torch.Tensor:
+    total = torch.zeros(heads, dtype=torch.float64)
     for proj in (attention.q_proj, attention.k_proj, attention.v_proj):  # rows [h*dh, (h+1)*dh)
-        squares += proj.weight.detach().double().reshape(heads, head_dim, -1).pow(2).sum((1, 2)).cpu()
-    out = attention.out_proj.weight.detach().double()  # columns [h*dh, (h+1)*dh)
-    squares += out.reshape(out.shape[0], heads, head_dim).pow(2).sum((0, 2)).cpu()
-    return squares.sqrt()
+        total += _power(proj.weight, norm).reshape(heads, head_dim, -1).sum((1, 2)).cpu()
+    out = _power(attention.out_proj.weight, norm)  # columns [h*dh, (h+1)*dh)
+    total += out.reshape(out.shape[0], heads, head_dim).sum((0, 2)).cpu()
+    return _finish(total, norm)
 
 
-def _neuron_norms(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
-    squares = fc1.weight.detach().double().pow(2).sum(1) + fc2.weight.detach().double().pow(2).sum(0)
-    return squares.sqrt().cpu()
+def _neuron_norms(fc1: torch.nn.Linear, fc2: torch.nn.Linear, norm: str = "l2") -> torch.Tensor:
+    total = _power(fc1.weight, norm).sum(1) + _power(fc2.weight, norm).sum(0)
+    return _finish(total, norm).cpu()
 
 
 @register_criterion("magnitude", needs_data=False)
-def magnitude_scores(model: ClipModel, loader=None, *, towers, loss, granularity, progress) -> ScoreResult:
-    """L2 weight norms per head and neuron; zero for padding of narrower (already pruned) blocks."""
+def magnitude_scores(model: ClipModel, loader=None, *, towers, loss, granularity, progress,
+                     norm: str = "l2") -> ScoreResult:
+    """Weight norms (``norm``: l2 or l1, LFPR's magnitude baseline) per head and neuron; zero for padding of
+    narrower (already pruned) blocks."""
+    if norm not in NORMS:
+        raise ParamError(f"score.options.norm must be one of {', '.join(NORMS)}; got {norm!r}")
     scores = {}
     for name in towers:
         tower = model.towers[name]
@@ -41,9 +58,10 @@ def magnitude_scores(model: ClipModel, loader=None, *, towers, loss, granularity
         neurons = torch.zeros(mask_shape(model, name, "neuron"), dtype=torch.float64)
         for layer, view in enumerate(tower.block_views()):
             if view.num_heads:
-                heads[layer, :view.num_heads] = _head_norms(tower.attention(layer), view.num_heads, view.head_dim)
+                heads[layer, :view.num_heads] = _head_norms(tower.attention(layer), view.num_heads, view.head_dim, norm)
             if view.ffn_dim:
-                neurons[layer, :view.ffn_dim] = _neuron_norms(tower.fc1(layer), tower.mlp_out_module(layer))
+                neurons[layer, :view.ffn_dim] = _neuron_norms(tower.fc1(layer), tower.mlp_out_module(layer), norm)
         scores[f"{name}.head"] = heads.float()
         scores[f"{name}.neuron"] = neurons.float()
-    return ScoreResult(scores=scores, grads={}, meta={"loss": None, "num_samples": 0, "num_batches": 0})
+    return ScoreResult(scores=scores, grads={}, meta={"loss": None, "norm": norm, "num_samples": 0,
+                                                                  "num_batches": 0})
