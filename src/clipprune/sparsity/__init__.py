@@ -1,0 +1,25 @@
+"""Weight-level sparsity (unstructured, block4, N:M): CAP, FastCAP and global magnitude (registry).
+
+``parse_config(params["sparsity"])`` validates the params; ``sparsify(model, config, loader)`` returns the
+new weights per target; ``save_sparse`` / ``load_sparse`` store them compactly (bitmask + values).
+"""
+from .config import MASK_TYPES, MaskType, SparsityConfig, check_target, check_targets, parse_config, \
+    parse_mask_type, target_name
+from .registry import GradientSource, SparsityResult, available_methods, get_method, register_method
+from . import cap as _cap  # noqa: F401  (registers "cap")
+from . import fastcap as _fastcap  # noqa: F401  (registers "fastcap")
+from . import magnitude as _magnitude  # noqa: F401  (registers "magnitude")
+from .cap import effective_block_size
+from .export import load_sparse, pack_sparse, save_sparse, unpack_sparse
+from .fisher import BlockFisherInverse, damped_fisher
+from .layers import prunable_linears
+from .obs import obs_sweep
+from .run import apply_weights, sparsify, sparsity_stats
+
+__all__ = [
+    "MASK_TYPES", "MaskType", "SparsityConfig", "check_target", "check_targets", "parse_config",
+    "parse_mask_type", "target_name", "GradientSource", "SparsityResult", "available_methods", "get_method",
+    "register_method", "effective_block_size", "load_sparse", "pack_sparse", "save_sparse", "unpack_sparse",
+    "BlockFisherInverse", "damped_fisher", "prunable_linears", "obs_sweep", "apply_weights", "sparsify",
+    "sparsity_stats",
+]

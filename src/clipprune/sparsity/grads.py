@@ -1,0 +1,162 @@
+"""Per-sample weight gradients of the Linear layers, streamed batch by batch from the calibration data.
+
+One forward/backward per batch of the *summed* batch loss (batch size × the mean loss of
+``scoring/losses.py``). For a Linear ``y = x Wᵀ + b`` the gradient is ``Σ_{samples, tokens} δ xᵀ``; keeping
+the sum over tokens per sample gives one row per sample, sample ``s``'s gradient through its own
+activations (``Σ_t δ_{s,t} x_{s,t}ᵀ``). The rows of a batch sum to the batch gradient. Hooks capture ``x``
+and ``δ``; the model's parameters stay frozen except the hooked weights, whose ``.grad`` is never written
+(``torch.autograd.grad``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from clipprune.errors import ClipPruneError, DataError, ParamError
+from clipprune.models.base import ClipModel
+from clipprune.scoring.fisher import frozen_parameters
+from clipprune.scoring.losses import check_loss_options, get_loss
+
+
+def check_loss_for_towers(loss: str, towers: Iterable[str]) -> None:
+    """ParamError naming sparsity.loss / sparsity.towers when the loss gives the text tower no gradient."""
+    get_loss_checked(loss)
+    if "text" in towers and not get_loss(loss).uses_text:
+        raise ParamError(f"sparsity.towers includes text, but sparsity.loss={loss} uses images only (text "
+                         f"gradients would be zero); use sparsity.towers: vision or sparsity.loss: contrastive")
+
+
+def get_loss_checked(loss: str):
+    try:
+        return get_loss(loss)
+    except ParamError:
+        from clipprune.scoring.losses import available_losses
+
+        raise ParamError(f"sparsity.loss must be one of {', '.join(available_losses())}; got {loss!r}") from None
+
+
+def _per_sample(x: torch.Tensor, delta: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[batch, out, in]`` from a Linear's input ``x`` and output gradient ``δ`` (batch first or second)."""
+    if x.dim() == 2:
+        return torch.einsum("bo,bi->boi", delta, x)
+    if x.shape[0] != batch and x.shape[1] == batch:  # sequence-first layout
+        x, delta = x.transpose(0, 1), delta.transpose(0, 1)
+    x = x.reshape(batch, -1, x.shape[-1])
+    delta = delta.reshape(batch, -1, delta.shape[-1])
+    return torch.einsum("bto,bti->boi", delta, x)
+
+
+class _LazyGrads(Mapping):
+    """``{layer: [rows, out, in]}`` computed from the captured activations on access, so that a consumer
+    working layer by layer holds one layer's per-sample gradients at a time, not the whole model's."""
+
+    def __init__(self, layers, store: dict, batch: int, keep: int):
+        self._layers, self._store, self._batch, self._keep = layers, store, batch, keep
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._store:  # the layer does not reach the loss (e.g. text tower, image loss)
+            layer = self._layers[name]
+            return torch.zeros(self._keep, layer.out_features, layer.in_features)
+        x, delta = self._store[name]
+        return _per_sample(x, delta, self._batch)[:self._keep].to("cpu", torch.float32)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+@contextlib.contextmanager
+def _capture(layers: Mapping[str, nn.Linear], store: dict):
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+
+            def grad_hook(delta):
+                store[name] = (x, delta.detach())
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_samples(loader) -> int | None:
+    """Samples a loader yields: its dataset's length, or for a list of (images, captions) batches their sum."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        pass
+    if isinstance(loader, (list, tuple)):
+        return sum(len(batch[0]) for batch in loader)
+    return None
+
+
+def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linear], *, loss: str,
+                         num_grads: int, loss_options: Mapping | None = None, progress: bool = True,
+                         desc: str = "sparsity grads") -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, per batch, ``{layer name: [rows, out, in]}`` float32 per-sample gradients of ``layers``.
+
+    Stops after ``num_grads`` rows in all (the last batch is cut); the data order is the loader's.
+    """
+    loss_fn = get_loss_checked(loss)
+    check_loss_options(loss, dict(loss_options or {}))
+    device = next(model.parameters()).device
+    names = list(layers)
+    seen = 0
+    total = count_samples(loader)
+    with frozen_parameters(model):
+        weights = [layers[n].weight for n in names]
+        for w in weights:
+            w.requires_grad_(True)
+        bar = tqdm(total=min(num_grads, total) if total else num_grads, desc=desc, unit="grad",
+                   disable=not progress)
+        try:
+            for index, (images, captions) in enumerate(loader):
+                if seen >= num_grads:
+                    break
+                if not isinstance(images, torch.Tensor):
+                    raise DataError(f"sparsity: batch {index} holds {type(images).__name__} images, expected a "
+                                    f"tensor (build the dataset with the model's preprocess transform)")
+                batch = images.shape[0]
+                if loss_fn.min_batch > batch:
+                    raise ParamError(f"sparsity.batch_size: a batch of {batch} is too small for "
+                                     f"sparsity.loss={loss} (needs {loss_fn.min_batch})")
+                images = images.to(device)
+                store: dict = {}
+                with _capture(layers, store):
+                    image_features = model.encode_image(images)
+                    text_features = None
+                    if loss_fn.uses_text:
+                        tokens = captions if isinstance(captions, torch.Tensor) else model.tokenizer(list(captions))
+                        text_features = model.encode_text(tokens.to(device))
+                    value = loss_fn(image_features, text_features, model.logit_scale.detach(),
+                                    **dict(loss_options or {}))
+                    if not torch.isfinite(value):
+                        raise ClipPruneError(f"sparsity: non-finite loss in calibration batch {index}")
+                    torch.autograd.grad(value * batch, weights, allow_unused=True)
+                keep = min(batch, num_grads - seen)
+                out = _LazyGrads(layers, store, batch, keep)
+                seen += keep
+                bar.update(keep)
+                yield out
+        finally:
+            bar.close()
+            for w in weights:
+                w.requires_grad_(False)  # frozen_parameters restores the original flags afterwards
+    if seen == 0:
+        raise DataError("sparsity: the calibration data yielded no batches")

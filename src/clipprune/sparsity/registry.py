@@ -1,0 +1,68 @@
+"""The registry of weight-sparsity methods, looked up by ``sparsity.method``.
+
+A method is ``fn(layers, config, grads, progress) -> SparsityResult``:
+
+* ``layers``: ordered ``{name: nn.Linear}`` (``layers.prunable_linears``), weights read, never modified;
+* ``config``: the validated ``SparsityConfig``; ``grads``: a ``GradientSource`` (``None`` for data-free
+  methods, registered with ``needs_data=False``).
+
+It returns, for every target in ``config.targets``, the new dense-shaped weight of every layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from clipprune.errors import ParamError
+
+
+@dataclass
+class SparsityResult:
+    """``weights[target][layer name]``: float32 weight tensors with zeros; ``meta``: JSON-able facts."""
+
+    weights: dict[float, dict[str, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class GradientSource:
+    """Streams per-sample gradients of a subset of layers: ``stream(names)`` makes one calibration pass.
+
+    ``num_grads``: rows each pass yields in all (already capped by the calibration size); ``passes``
+    counts the calibration passes made (CAP with ``chunk_layers`` makes several).
+    """
+
+    stream_fn: Callable[[list[str]], Iterator[dict[str, torch.Tensor]]]
+    num_grads: int
+    passes: int = 0
+
+    def stream(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        self.passes += 1
+        return self.stream_fn(list(names))
+
+
+_METHODS: dict[str, Callable] = {}
+
+
+def register_method(name: str, needs_data: bool = True):
+    """Decorator: register a sparsity method under ``name``."""
+
+    def decorate(fn):
+        fn.method_name = name
+        fn.needs_data = needs_data
+        _METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Callable:
+    if name not in _METHODS:
+        raise ParamError(f"sparsity.method must be one of {', '.join(available_methods())}; got {name!r}")
+    return _METHODS[name]

@@ -1,0 +1,41 @@
+"""Bad sparsity params give one-line ParamErrors naming the key."""
+import pytest
+
+from clipprune.errors import ParamError
+from clipprune.sparsity import available_methods, parse_config, parse_mask_type
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"targets": [0.5, 1.5]}, "sparsity.targets"),
+    ({"targets": [0.0]}, "sparsity.targets"),
+    ({"targets": [1]}, "sparsity.targets"),
+    ({"targets": "half"}, "sparsity.targets"),
+    ({"targets": [0.5, 0.5]}, "sparsity.targets"),
+    ({"mask_type": "5:4"}, "sparsity.mask_type"),
+    ({"mask_type": "0:4"}, "sparsity.mask_type"),
+    ({"mask_type": "diagonal"}, "sparsity.mask_type"),
+    ({"method": "obs2000"}, "sparsity.method"),
+    ({"damp": 0}, "sparsity.damp"),
+    ({"fisher_block_size": 0}, "sparsity.fisher_block_size"),
+    ({"num_grads": 1.5}, "sparsity.num_grads"),
+    ({"towers": "audio"}, "sparsity.towers"),
+    ({"fisher_dtype": "float16"}, "sparsity.fisher_dtype"),
+    ({"chunk_layers": 0}, "sparsity.chunk_layers"),
+    ({"offload": "yes"}, "sparsity.offload"),
+    ({"blocksize": 4}, "sparsity"),
+])
+def test_bad_params_name_the_key_on_one_line(section, key):
+    with pytest.raises(ParamError) as err:
+        parse_config(section, available_methods())
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_defaults_and_mask_types():
+    config = parse_config({}, available_methods())
+    assert (config.method, config.targets, config.towers, config.damp, config.fisher_block_size) == \
+        ("cap", (0.5, 0.6, 0.75), ("vision",), 1e-7, 50)
+    nm = parse_mask_type("2:4")
+    assert (nm.kind, nm.n, nm.m, nm.sparsity, nm.name) == ("nm", 2, 4, 0.5, "2:4")
+    assert parse_mask_type("block4").group == 4
+    assert parse_config({"targets": [0.75, 0.5]}).targets == (0.5, 0.75)
