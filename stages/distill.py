@@ -1,0 +1,62 @@
+"""Stage distill: train the exported pruned model against the dense one into artifacts/models/distilled/.
+
+`distill.enabled: false` copies the pruned model through unchanged. `distill.nproc > 1` relaunches this
+script under torchrun (one process per share of the global batch). A run killed mid-way resumes from the
+checkpoint of its last complete epoch (artifacts/checkpoints/distill/, outside DVC's outs; removed on success).
+"""
+import time
+from pathlib import Path
+
+from _common import run_stage
+from clipprune.data.sources import check_dataset_name
+from clipprune.distill import (DistillPaths, check_resumable, launch, parse_distill_params, passthrough, run_distill,
+                               under_torchrun, write_disabled_logs)
+from clipprune.distill.live import LiveLogger
+from clipprune.errors import ClipPruneError
+from clipprune.io import write_json
+from clipprune.params import get_str
+
+PRUNED = Path("artifacts/models/pruned")
+OUT = Path("artifacts/models/distilled")
+LOGS = Path("reports/distill")
+CHECKPOINT = Path("artifacts/checkpoints/distill/last.safetensors")
+TIMING = Path("reports/timing/distill.json")
+
+
+def main(params: dict) -> None:
+    config = parse_distill_params(params)
+    teacher = get_str(params, "model")
+    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
+    paths = DistillPaths(pruned=PRUNED, out=OUT, logs=LOGS, checkpoint=CHECKPOINT,
+                         train_images=root / get_str(params, "data.layout.train_images"),
+                         train_captions=root / get_str(params, "data.layout.train_captions"))
+    start = time.perf_counter()
+    if not config.enabled:
+        passthrough(PRUNED, OUT)
+        write_disabled_logs(LOGS)
+        write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "enabled": False})
+        print(f"distill: disabled; copied {PRUNED} to {OUT}")
+        return
+    if not under_torchrun():
+        check_resumable(config, teacher, paths)  # a bad checkpoint fails here, in one line, before any model loads
+    if config.nproc > 1 and not under_torchrun():
+        code = launch(__file__, config.nproc)
+        if code != 0:
+            raise ClipPruneError(f"distill.nproc={config.nproc}: the torchrun workers failed (exit code {code}); "
+                                 f"see their messages above")
+        write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "nproc": config.nproc})
+        print(f"distill: {config.nproc} processes finished; wrote {OUT}")
+        return
+    summary = run_distill(config, teacher, paths, logger_factory=LiveLogger)
+    if under_torchrun():
+        return  # the launching process reports
+    write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "nproc": 1})
+    history = summary["history"]
+    resumed = summary["resumed_from_epoch"]
+    print(f"distill: {summary['plan']['mode']} on {summary['images']} images, {summary['steps']} steps, epoch loss "
+          f"{history[0]['loss']:.4g} -> {history[-1]['loss']:.4g}"
+          f"{f' (resumed after epoch {resumed})' if resumed is not None else ''}; wrote {OUT}")
+
+
+if __name__ == "__main__":
+    run_stage("distill", main)
