@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipprune-installed
 
-.PHONY: venv repro test test-fast bench clean-venv
+.PHONY: venv repro test test-fast bench clean-venv sweep
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: $(STAMP)
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# A grid of experiments (constraints × score criteria × search methods), run from the queue, then one table
+# (method, constraint, MAC %, params, top-1, R@1, latency ratio, pruning time). Override the axes, e.g.
+# `make sweep CONSTRAINTS=0.4,0.6 CRITERIA=fisher SEARCHES=mac,uniform`; `scripts/sweep.py --help` for more.
+CONSTRAINTS ?= 0.3,0.5,0.7
+CRITERIA ?= fisher,magnitude
+SEARCHES ?= mac
+SWEEP_JOBS ?= 1
+sweep: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/sweep.py --constraints $(CONSTRAINTS) \
+		--criteria $(CRITERIA) --searches $(SEARCHES) --jobs $(SWEEP_JOBS)
 
 clean-venv:
 	rm -rf $(VENV)

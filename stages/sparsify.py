@@ -14,41 +14,15 @@ import torch
 from _common import run_stage
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.evaluate.complexity import file_size_bytes
-from clipprune.evaluate.suite import accuracy_metrics
+from clipprune.evaluate.suite import accuracy_metrics, eval_data_from_params
 from clipprune.io import write_json
 from clipprune.models import load_model
 from clipprune.params import get, get_int, get_str
 from clipprune.sparsity import (apply_weights, available_methods, check_target, load_sparse, parse_config,
                                 save_sparse, sparsity_stats, target_name)
-from clipprune.sparsity.export import dense_size_bytes, expand_tensors
+from clipprune.sparsity.export import check_same_model, dense_size_bytes, read_target
 
 PRUNED = Path("artifacts/sparse/pruned.safetensors")
-
-
-def read_target(path: Path, name: str) -> tuple[dict, dict]:
-    """(``{layer: weight}`` of one target, the file's metadata)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise ClipPruneError(f"{path}: not found (run the sparse_prune stage)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-            prefix = f"{name}/"
-            tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise ClipPruneError(f"{path}: not a readable sparse_prune output ({err})") from err
-    if name not in meta.get("targets", []):
-        raise ClipPruneError(f"{path}: holds targets {meta.get('targets')}, not {name} (rerun sparse_prune)")
-    sparse = {layer: {"shape": shape, "dtype": "float32"} for layer, shape in meta["shapes"].items()}
-    return expand_tensors(tensors, sparse, str(path)), meta
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes (so -0.0 != +0.0 and NaN == the same NaN)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def main(params: dict) -> None:
@@ -66,9 +40,7 @@ def main(params: dict) -> None:
     model_name = get_str(params, "model")
     if meta.get("model") != model_name or meta.get("config") != config.as_dict():
         raise ClipPruneError(f"{PRUNED}: written for other params (model or sparsity); rerun sparse_prune")
-    from evaluate import eval_data  # stages/evaluate.py: the evaluation data from params
-
-    data = eval_data(params)
+    data = eval_data_from_params(params)
     batch_size = get_int(params, "evaluate.batch_size", min_value=1)
     torch.manual_seed(get_int(params, "seed", min_value=0))
     model = load_model(model_name)
@@ -80,10 +52,7 @@ def main(params: dict) -> None:
     save_sparse(model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
                                                     "mask_type": config.mask.name}})
     reloaded = load_sparse(out_dir)
-    original = model.module.state_dict()
-    for key, value in reloaded.module.state_dict().items():  # bit-identical, not merely close
-        if not same_bits(value, original[key]):
-            raise ClipPruneError(f"{out_dir}: reloaded tensor {key} differs from the sparse model")
+    check_same_model(reloaded, model, str(out_dir))  # bit-identical, not merely close
     mask = config.mask
     stats = sparsity_stats(weights, (mask.n, mask.m) if mask.kind == "nm" else None)
     compact_bytes = file_size_bytes(out_dir)

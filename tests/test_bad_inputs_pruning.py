@@ -185,7 +185,7 @@ def test_search_param_variants(call_stage, edits, expected):
 
 
 @pytest.mark.parametrize("edits, expected", [
-    ({"score__loss": "mse"}, "score.loss must be one of contrastive, entropy; got 'mse'"),
+    ({"score__loss": "mse"}, "score.loss must be one of contrastive, entropy, entropy_image_text, max_logit; got 'mse'"),
     ({"score__granularity": "token"}, "score.granularity must be one of batch, sample; got 'token'"),
     ({"score__towers": "audio"}, "score.towers must be one of vision, text, both; got 'audio'"),
     ({"score__batch_size": 0}, "score.batch_size must be >= 1, got 0"),

@@ -24,11 +24,12 @@ from pipeline_utils import copy_repo, stage
 
 pytestmark = pytest.mark.slow
 
-PIPELINE = ("download", "calibrate", "score", "search", "tune", "export", "evaluate")
+PIPELINE = ("download", "calibrate", "score", "search", "tune", "export", "distill", "evaluate")
 SCORES = "artifacts/scores/scores.safetensors"
 MASKS = ("artifacts/masks/search.safetensors", "artifacts/masks/rearranged.safetensors",
          "artifacts/masks/tuned.safetensors")
 PRUNED = "artifacts/models/pruned"
+DISTILLED = "artifacts/models/distilled"
 NUM_SAMPLES = 128  # calibration pairs (4 score batches): enough for every stage to do real work, and quick
 TIMING_KEYS = {"latency_ms", "latency_ratio", "pruning_time_s"}
 
@@ -86,6 +87,7 @@ def runs(tmp_path_factory):
         params["calibrate"]["num_samples"] = NUM_SAMPLES
         params["evaluate"]["max_retrieval_images"] = 100
         params["evaluate"]["latency"] = {"batch_size": 4, "warmup": 0, "repeats": 1}
+        params["distill"].update(num_samples=128, epochs=1, batch_size=32, warmup_steps=1)  # 4 real steps
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         roots.append(root)
     errors: dict = {}
@@ -133,12 +135,20 @@ def test_tune_report_is_identical_but_for_wall_time(runs):
     assert without_timing(a) == without_timing(b)
 
 
-def test_exported_model_is_identical(runs):
+@pytest.mark.parametrize("rel", (PRUNED, DISTILLED))
+def test_exported_and_distilled_models_are_identical(runs, rel):
     a, b = runs
-    assert tree_digest(a / PRUNED) == tree_digest(b / PRUNED)
-    weights_a, _ = read_safetensors(a / PRUNED / "model.safetensors")
-    weights_b, _ = read_safetensors(b / PRUNED / "model.safetensors")
+    assert tree_digest(a / rel) == tree_digest(b / rel)
+    weights_a, _ = read_safetensors(a / rel / "model.safetensors")
+    weights_b, _ = read_safetensors(b / rel / "model.safetensors")
     assert weights_a == weights_b and len(weights_a) > 10
+
+
+def test_distillation_changed_the_model(runs):
+    a, _ = runs
+    pruned, _ = read_safetensors(a / PRUNED / "model.safetensors")
+    distilled, _ = read_safetensors(a / DISTILLED / "model.safetensors")
+    assert pruned.keys() == distilled.keys() and pruned != distilled
 
 
 def test_metrics_are_equal_except_timing(runs):

@@ -40,7 +40,11 @@ def test_repro_prunes_to_the_budget_and_exports_a_smaller_model(reproduced):
     assert pruned["file_mb"] < metrics["dense_file_mb"]
     # tuning is measured against search-only masks on the same data
     assert set(metrics["steps"]) == {"search", "rearranged", "tuned"}
-    assert pruned["zeroshot"]["acc1"] == pytest.approx(metrics["steps"]["tuned"]["zeroshot"]["acc1"], abs=0.01)
+    before = pruned["before_distill"]
+    assert before["zeroshot"]["acc1"] == pytest.approx(metrics["steps"]["tuned"]["zeroshot"]["acc1"], abs=0.01)
+    # distillation (on by default) must not lose what the tuned masks kept
+    assert pruned["zeroshot"]["acc1"] >= before["zeroshot"]["acc1"]
+    assert metrics["summary"]["top1_before_distill"] == pytest.approx(100 * before["zeroshot"]["acc1"])
 
 
 def test_second_repro_runs_nothing(reproduced):

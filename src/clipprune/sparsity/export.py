@@ -144,3 +144,38 @@ def dense_size_bytes(model: ClipModel) -> int:
     """Bytes of the model's full state dict in the same safetensors container (the dense reference)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.module.state_dict().items()}
     return len(safetensors_bytes(state))
+
+
+def read_target(path: str | os.PathLike, name: str) -> tuple[dict, dict]:
+    """(``{layer: weight}`` of one target, the file's metadata) from the sparse_prune stage's output."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipPruneError(f"{path}: not found (run the sparse_prune stage)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+            prefix = f"{name}/"
+            tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ClipPruneError(f"{path}: not a readable sparse_prune output ({err})") from err
+    if name not in meta.get("targets", []):
+        raise ClipPruneError(f"{path}: holds targets {meta.get('targets')}, not {name} (rerun sparse_prune)")
+    sparse = {layer: {"shape": shape, "dtype": "float32"} for layer, shape in meta["shapes"].items()}
+    return expand_tensors(tensors, sparse, str(path)), meta
+
+
+def check_same_model(reloaded: ClipModel, model: ClipModel, where: str) -> None:
+    """ClipPruneError naming ``where`` unless every tensor of ``reloaded`` has the bits of ``model``'s."""
+    original = model.module.state_dict()
+    for key, value in reloaded.module.state_dict().items():
+        if key not in original or not same_bits(value, original[key]):
+            raise ClipPruneError(f"{where}: reloaded tensor {key} differs from the sparse model")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (so -0.0 != +0.0 and NaN == the same NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
