@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipprune-installed
 
-.PHONY: venv repro test test-fast bench clean-venv sweep
+.PHONY: venv repro test test-fast bench clean-venv sweep methods
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ SWEEP_JOBS ?= 1
 sweep: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/sweep.py --constraints $(CONSTRAINTS) \
 		--criteria $(CRITERIA) --searches $(SEARCHES) --jobs $(SWEEP_JOBS)
+
+# LFPR's methods table: every importance criterion at the same kept-params budget -> reports/methods.md
+BUDGET ?= 0.5
+methods: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/methods_table.py --budget $(BUDGET)
 
 clean-venv:
 	rm -rf $(VENV)
