@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .images import open_rgb
 
 _IMAGE_KEYS = ("id", "file_name")
 _ANNOTATION_KEYS = ("id", "image_id", "caption")
@@ -157,16 +158,10 @@ class CocoCaptions(Dataset):
 
     def load_image(self, image_id: int):
         """The image as a PIL RGB image (DataError naming the file if it is missing or unreadable)."""
-        from PIL import Image, UnidentifiedImageError
-
         path = self.image_path(image_id)
         if not path.is_file():
             raise DataError(f"{path}: image file not found (image id {image_id} in {self.annotation_file})")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read image ({err})") from None
+        return open_rgb(path)
 
     def _transformed(self, image_id: int):
         image = self.load_image(image_id)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .images import open_rgb
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
@@ -126,16 +127,7 @@ class ImageFolderClassification(Dataset):
 
     def load_image(self, index: int):
         """The index-th image as PIL RGB (DataError naming the file if unreadable)."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{path}: image file not found") from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read image ({err})") from None
+        return open_rgb(self.samples[index][0])
 
     def __getitem__(self, index: int):
         image = self.load_image(index)

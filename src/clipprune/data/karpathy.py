@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .images import open_rgb
 from .coco import load_coco_captions_json
 
 # One caption line of CLIP_benchmark's text format: lazy file name up to the first "<image ext>,".
@@ -183,16 +184,7 @@ class CaptionedImages(Dataset):
 
     def load_image(self, index: int):
         """The ``index``-th image as PIL RGB (DataError naming the file if it is missing or unreadable)."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.image_path(index)
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{path}: image file not found (named in {self.source})") from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read image ({err})") from None
+        return open_rgb(self.image_path(index), named_in=str(self.source))
 
     def __len__(self) -> int:
         return len(self.entries)
