@@ -92,7 +92,15 @@ def make_calibration(model: OpenClipModel, samples: int, batch_size: int, seed: 
     images = torch.randn(samples, 3, size, size, generator=gen)
     captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(samples)]
     tokens = model.tokenizer(captions)
-    return [(images[s:s + batch_size], tokens[s:s + batch_size]) for s in range(0, samples, batch_size)]
+    device = next(model.parameters()).device
+    return [(images[s:s + batch_size].to(device), tokens[s:s + batch_size].to(device))
+            for s in range(0, samples, batch_size)]
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work so that a wall-clock timer measures it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +114,10 @@ def fisher_step_times(model: OpenClipModel, batch, repeats: int, warmup: bool) -
         if warmup:
             mask_gradients(model, images, tokens, "contrastive", ("vision",), per_sample=False)
         for _ in range(repeats):
+            synchronize()
             start = time.perf_counter()
             mask_gradients(model, images, tokens, "contrastive", ("vision",), per_sample=False)
+            synchronize()
             times.append(time.perf_counter() - start)
     return times
 
@@ -130,8 +140,10 @@ def run_pipeline(model: OpenClipModel, batches, batch_size: int, progress: bool)
     run = PipelineRun(samples=sum(b[0].shape[0] for b in batches))
 
     def timed(name, fn, *args, **kwargs):
+        synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
+        synchronize()
         run.seconds[name] = time.perf_counter() - wall
         run.cpu_seconds[name] = time.process_time() - cpu
         return result
@@ -198,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--measure-2048", action="store_true",
                         help=f"also run the pipeline on {PROJECTED_SAMPLES} samples and report the measured time")
     parser.add_argument("--progress", action="store_true", help="progress bars for each stage")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default; the goals are for the 2-core CPU) or cuda (real-size GPU check)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     args.samples = args.samples if args.samples is not None else (16 if args.quick else 256)
@@ -207,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("samples", "batch_size", "threads", "latency_repeats", "step_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device must be cpu or cuda (with a CUDA device present), got {args.device!r}")
     if args.samples < 2 * args.batch_size:
         parser.error(f"--samples ({args.samples}) must hold at least two batches of --batch-size ({args.batch_size})")
     return args
@@ -217,11 +233,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     print(f"kwon_vitb32: arch={'quick-tiny' if args.quick else args.arch} N={args.samples} "
-          f"batch={args.batch_size} threads={args.threads} torch={torch.__version__}")
+          f"batch={args.batch_size} threads={args.threads} device={args.device} torch={torch.__version__}")
     load_start = load_average()
     print(f"load average at start: {load_start}")
 
     model, original = build_model(args.arch, args.quick)
+    model, original = model.to(args.device), original.to(args.device)
     batches = make_calibration(model, args.samples, args.batch_size, SEED)
     steps = args.samples / args.batch_size  # N / batch: the Fisher steps of one pass over the data
 
