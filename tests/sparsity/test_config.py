@@ -39,3 +39,13 @@ def test_defaults_and_mask_types():
     assert (nm.kind, nm.n, nm.m, nm.sparsity, nm.name) == ("nm", 2, 4, 0.5, "2:4")
     assert parse_mask_type("block4").group == 4
     assert parse_config({"targets": [0.75, 0.5]}).targets == (0.5, 0.75)
+
+
+def test_unquoted_n_m_in_yaml_gets_a_hint():
+    import yaml
+    from clipprune.errors import ParamError
+
+    value = yaml.safe_load("mask_type: 2:4")["mask_type"]  # YAML 1.1 sexagesimal: 2*60 + 4
+    assert value == 124
+    with pytest.raises(ParamError, match=r'got 124 \(an unquoted 2:4 in YAML is the number 124: write "2:4"\)$'):
+        parse_mask_type(value)

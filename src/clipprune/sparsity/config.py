@@ -54,7 +54,11 @@ def parse_mask_type(value, key: str = "sparsity.mask_type") -> MaskType:
         if 0 < n < m:
             return MaskType("nm", n=n, m=m)
         raise ParamError(f"{key} N:M needs 0 < N < M, got {value!r}")
-    raise ParamError(f"{key} must be unstructured, block4 or N:M (e.g. '2:4'), got {value!r}")
+    hint = ""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+        # YAML 1.1 (PyYAML, DVC's -S) reads an unquoted 2:4 as the base-60 number 2*60+4
+        hint = f" (an unquoted {value // 60}:{value % 60} in YAML is the number {value}: write \"{value // 60}:{value % 60}\")"
+    raise ParamError(f"{key} must be unstructured, block4 or N:M (e.g. '2:4'), got {value!r}{hint}")
 
 
 def check_target(value, key: str = "sparsity.targets") -> float:
