@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
 from .errors import ParamError
 
@@ -14,14 +13,22 @@ _MISSING = object()
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict:
-    """Load params.yaml as a dict (ParamError naming the file if it is missing or not a mapping)."""
+    """Load params.yaml as a dict (ParamError naming the file if it is missing or not a mapping).
+
+    Read as YAML 1.2, as DVC reads and writes it: `dvc exp run -S sparsity.mask_type=2:4` writes an unquoted
+    ``2:4``, which a YAML 1.1 reader (PyYAML) would turn into the base-60 number 124, and ``yes`` / ``no``
+    stay strings instead of becoming booleans.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: params file not found")
     try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "invalid YAML"
+        params = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid YAML"
         raise ParamError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(params, dict):
         raise ParamError(f"{path}: expected a mapping of stage sections at top level")
