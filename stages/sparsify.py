@@ -60,7 +60,9 @@ def main(params: dict) -> None:
         "target": target, "method": config.method, "mask_type": mask.name,
         "target_applies": mask.kind != "nm",  # N:M fixes the sparsity at (M-N)/M whatever the target
         "sparsity": stats,
-        "dense": dense_metrics,
+        # not "dense": reports/metrics.json has that block, and equal key paths in several metrics files
+        # make `dvc exp show` prefix the column with the file name
+        "dense_reference": dense_metrics,
         "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size),
         "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
         "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},

@@ -61,5 +61,5 @@ def test_experiment_with_changed_param_shows_in_exp_show(reproduced):
     assert row["calibrate.num_samples"] == "256"
     # the experiment carries its own metrics (metrics.json is git-tracked, not DVC-cached)
     for column in ("dense.zeroshot.acc1", "pruned.zeroshot.acc1", "pruned.kept_mac_fraction",
-                   "pruned.latency_ratio.image", "pruning_time_s.total"):
+                   "pruned.latency_ratio.image", "pruning_time_s.total", "summary.top1", "summary.mac_pct"):
         assert 0 < float(row[column]) < 1e6, (column, row[column])
