@@ -24,7 +24,8 @@ from .images import open_rgb
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The parsed JSON of ``path``; one-line DataError naming the file if it is missing, not UTF-8 or not JSON."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -36,7 +37,7 @@ def _read_json(path: Path):
 
 
 def _string_list(path: Path, key: str | None, what: str) -> list[str]:
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict):
         if key is None:
             raise DataError(f"{path}: expected a JSON list of {what}; the file maps dataset names to lists, "

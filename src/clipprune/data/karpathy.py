@@ -18,7 +18,6 @@ retrieval evaluation consumes (batch with :func:`clipprune.data.coco.collate_ima
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -29,18 +28,10 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .images import open_rgb
 from .coco import load_coco_captions_json
+from .imagefolder import read_json
 
 # One caption line of CLIP_benchmark's text format: lazy file name up to the first "<image ext>,".
 _TEXT_LINE = re.compile(r"^(?P<image>.+?\.(?:jpe?g|png|bmp|webp))\s*,(?P<caption>.*)$", re.IGNORECASE)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid JSON (not UTF-8 text: {err.reason})") from None
 
 
 def _group(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -118,7 +109,7 @@ def load_caption_annotations(path: str | os.PathLike) -> list[tuple[str, list[st
         raise DataError(f"{path}: annotation file not found")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        data = _read_json(path)
+        data = read_json(path)
         if isinstance(data, dict):
             entries = _coco_entries(path)
         elif isinstance(data, list):
