@@ -84,6 +84,31 @@ def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor 
     return value.detach(), {k: torch.zeros_like(masks[k]) if g is None else g for k, g in zip(keys, grads)}
 
 
+def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bool, loss_options: dict | None,
+                     desc: str, progress: bool):
+    """Yield ``(images, loss value, mask gradients)`` for each calibration batch, parameters frozen.
+
+    The shared loop of the gradient criteria: checks that the batch holds image tensors, moves it to the
+    model's device, tokenizes captions only when the loss reads text, and stops with a one-line error on a
+    non-finite loss or gradient.
+    """
+    uses_text = get_loss(loss).uses_text
+    device = next(model.parameters()).device
+    with frozen_parameters(model):
+        for index, (images, captions) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress)):
+            if not isinstance(images, torch.Tensor):
+                raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
+                                f"(build the dataset with the model's preprocess transform)")
+            images = images.to(device)
+            # captions are not even tokenized for an image-only loss: they cannot influence the gradients
+            tokens = _tokens(model, captions).to(device) if uses_text else None
+            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options)
+            if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
+                                     f"check the model weights, score.loss and score.options")
+            yield images, value, grads
+
+
 @register_criterion("fisher")
 def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progress, keep_grads: bool = True,
            **loss_options) -> ScoreResult:
@@ -100,36 +125,23 @@ def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progre
         raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
     if loader is None:
         raise ParamError("score.criterion=fisher needs calibration data (a loader of image-caption batches)")
-    uses_text = get_loss(loss).uses_text
     per_sample = granularity == "sample"
-    device = next(model.parameters()).device
-
     fisher_sums: dict[str, torch.Tensor] = {}
     rows: dict[str, list[torch.Tensor]] = {}
     losses: list[float] = []
     samples = 0
-    with frozen_parameters(model):
-        for index, (images, captions) in enumerate(tqdm(loader, desc=f"score fisher ({loss}, {granularity})",
-                                                        unit="batch", disable=not progress)):
-            if not isinstance(images, torch.Tensor):
-                raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
-                                f"(build the dataset with the model's preprocess transform)")
-            images = images.to(device)
-            tokens = _tokens(model, captions).to(device) if uses_text else None
-            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options)
-            if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
-                raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
-                                     f"check the model weights, score.loss and score.options")
-            for key, grad in grads.items():
-                batch_rows = grad.detach().to("cpu", torch.float32)
-                batch_rows = batch_rows if per_sample else batch_rows.unsqueeze(0)
-                # float64 accumulation: the sum over thousands of rows stays exact to float32 precision
-                squared = batch_rows.double().pow(2).sum(0)
-                fisher_sums[key] = squared if key not in fisher_sums else fisher_sums[key] + squared
-                if keep_grads:
-                    rows.setdefault(key, []).append(batch_rows)
-            losses.append(value.item())
-            samples += images.shape[0]
+    for images, value, grads in gradient_batches(model, loader, loss, towers, per_sample, loss_options,
+                                                 f"score fisher ({loss}, {granularity})", progress):
+        for key, grad in grads.items():
+            batch_rows = grad.detach().to("cpu", torch.float32)
+            batch_rows = batch_rows if per_sample else batch_rows.unsqueeze(0)
+            # float64 accumulation: the sum over thousands of rows stays exact to float32 precision
+            squared = batch_rows.double().pow(2).sum(0)
+            fisher_sums[key] = squared if key not in fisher_sums else fisher_sums[key] + squared
+            if keep_grads:
+                rows.setdefault(key, []).append(batch_rows)
+        losses.append(value.item())
+        samples += images.shape[0]
     if not losses:
         raise DataError("score: the calibration data yielded no batches")
     return ScoreResult(

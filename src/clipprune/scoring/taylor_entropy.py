@@ -40,12 +40,11 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from clipprune.errors import ClipPruneError, DataError, ParamError
+from clipprune.errors import DataError, ParamError
 
-from .fisher import _tokens, check_towers_for_loss, frozen_parameters, mask_gradients
-from .losses import get_loss, register_loss
+from .fisher import check_towers_for_loss, gradient_batches
+from .losses import register_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
 
 LABEL_FREE_LOSSES = ("entropy", "entropy_image_text")
@@ -102,40 +101,27 @@ def taylor_entropy_scores(model, loader, *, towers, loss, granularity, progress,
     check_towers_for_loss(loss, towers)
     if loader is None:
         raise ParamError("score.criterion=taylor_entropy needs calibration data (a loader of image batches)")
-    uses_text = get_loss(loss).uses_text
     per_sample = granularity == "sample"
-    device = next(model.parameters()).device
     neuron_keys = [f"{t}.neuron" for t in towers]
 
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, list[torch.Tensor]] = {key: [] for key in neuron_keys}
     losses: list[float] = []
     samples = 0
-    with frozen_parameters(model):
-        for index, (images, captions) in enumerate(tqdm(loader, desc=f"score taylor_entropy ({loss}, {granularity})",
-                                                        unit="batch", disable=not progress)):
-            if not isinstance(images, torch.Tensor):
-                raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
-                                f"(build the dataset with the model's preprocess transform)")
-            images = images.to(device)
-            batch = images.shape[0]
-            # the captions are not even tokenized for the image-only loss: they cannot influence the scores
-            tokens = _tokens(model, captions).to(device) if uses_text else None
-            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample,
-                                          {"inv_temperature": inv_temperature})
-            if not torch.isfinite(value) or not all(bool(torch.isfinite(grads[k]).all()) for k in neuron_keys):
-                raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
-                                     f"check the model weights, score.loss and score.options")
-            for key in neuron_keys:
-                grad = grads[key].detach().to("cpu", torch.float32)
-                # per sample, mask_gradients differentiates batch × mean loss: divide to get AMP's ∂(mean)/∂a
-                taylor = (grad / batch).abs().sum(0) if per_sample else grad.abs()
-                taylor = taylor.double()  # float64 accumulation over many batches
-                sums[key] = taylor if key not in sums else sums[key] + taylor
-                if keep_grads:
-                    rows[key].append(grad if per_sample else grad.unsqueeze(0))
-            losses.append(value.item())
-            samples += batch
+    for images, value, grads in gradient_batches(model, loader, loss, towers, per_sample,
+                                                 {"inv_temperature": inv_temperature},
+                                                 f"score taylor_entropy ({loss}, {granularity})", progress):
+        batch = images.shape[0]
+        for key in neuron_keys:
+            grad = grads[key].detach().to("cpu", torch.float32)
+            # per sample, mask_gradients differentiates batch × mean loss: divide to get AMP's ∂(mean)/∂a
+            taylor = (grad / batch).abs().sum(0) if per_sample else grad.abs()
+            taylor = taylor.double()  # float64 accumulation over many batches
+            sums[key] = taylor if key not in sums else sums[key] + taylor
+            if keep_grads:
+                rows[key].append(grad if per_sample else grad.unsqueeze(0))
+        losses.append(value.item())
+        samples += batch
     if not losses:
         raise DataError("score: the calibration data yielded no batches")
     count = samples if per_sample else len(losses)
