@@ -6,6 +6,13 @@ the sum over tokens per sample gives one row per sample, sample ``s``'s gradient
 activations (``Σ_t δ_{s,t} x_{s,t}ᵀ``). The rows of a batch sum to the batch gradient. Hooks capture ``x``
 and ``δ``; the model's parameters stay frozen except the hooked weights, whose ``.grad`` is never written
 (``torch.autograd.grad``).
+
+No layer is ever given a made-up gradient: a layer whose hook did not fire in a batch (its module was
+bypassed, e.g. a fused kernel reading ``.weight`` directly) or whose output did not reach the loss stops
+the run with an error naming the layer and the batch, and so does a layer whose gradient is identically
+zero over the whole calibration set (its Fisher would be ``damp·I``: CAP would prune it as if its weights
+cost nothing). Layers that cannot reach the loss by construction (the text tower under an images-only
+loss) are refused up front by ``check_loss_for_towers``.
 """
 from __future__ import annotations
 
@@ -52,17 +59,24 @@ def _per_sample(x: torch.Tensor, delta: torch.Tensor, batch: int) -> torch.Tenso
 
 class _LazyGrads(Mapping):
     """``{layer: [rows, out, in]}`` computed from the captured activations on access, so that a consumer
-    working layer by layer holds one layer's per-sample gradients at a time, not the whole model's."""
+    working layer by layer holds one layer's per-sample gradients at a time, not the whole model's.
 
-    def __init__(self, layers, store: dict, batch: int, keep: int):
+    Every layer is in ``store`` (``per_sample_gradients`` checks it before yielding). ``accessed`` and
+    ``nonzero`` (shared by the batches of one pass) collect the layers read, and those with any non-zero
+    row, for the whole-set zero-gradient check.
+    """
+
+    def __init__(self, layers, store: dict, batch: int, keep: int, accessed: set, nonzero: set):
         self._layers, self._store, self._batch, self._keep = layers, store, batch, keep
+        self._accessed, self._nonzero = accessed, nonzero
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._store:  # the layer does not reach the loss (e.g. text tower, image loss)
-            layer = self._layers[name]
-            return torch.zeros(self._keep, layer.out_features, layer.in_features)
         x, delta = self._store[name]
-        return _per_sample(x, delta, self._batch)[:self._keep].to("cpu", torch.float32)
+        rows = _per_sample(x, delta, self._batch)[:self._keep].to("cpu", torch.float32)
+        self._accessed.add(name)
+        if name not in self._nonzero and bool(rows.any()):
+            self._nonzero.add(name)
+        return rows
 
     def __iter__(self):
         return iter(self._layers)
@@ -72,11 +86,16 @@ class _LazyGrads(Mapping):
 
 
 @contextlib.contextmanager
-def _capture(layers: Mapping[str, nn.Linear], store: dict):
+def _capture(layers: Mapping[str, nn.Linear], store: dict, ran: set):
+    """Forward hooks on ``layers``: ``ran`` gets each layer that was called, ``store[name] = (x, δ)`` is
+    filled once its output's gradient arrives (a layer whose output does not require grad gets none)."""
     handles = []
 
     def make_hook(name):
         def hook(module, args, output):
+            ran.add(name)
+            if not output.requires_grad:  # cut off from the weights' graph: no δ will ever arrive
+                return
             x = args[0].detach()
 
             def grad_hook(delta):
@@ -93,6 +112,28 @@ def _capture(layers: Mapping[str, nn.Linear], store: dict):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _check_captured(names, ran: set, store: dict, index: int, loss: str) -> None:
+    """ClipPruneError naming the first layer of ``names`` whose gradient was not captured in batch ``index``."""
+    for name in names:
+        if name not in ran:
+            raise ClipPruneError(f"sparsity: layer {name} was never called in calibration batch {index} (the "
+                                 f"model bypasses this module's forward, e.g. a fused kernel reading its weight), "
+                                 f"so its per-sample gradient cannot be captured")
+        if name not in store:
+            raise ClipPruneError(f"sparsity: layer {name} ran in calibration batch {index} but its output does "
+                                 f"not reach sparsity.loss={loss} (no gradient arrived at it)")
+
+
+def _check_nonzero(names, accessed: set, nonzero: set, samples: int, loss: str) -> None:
+    """ClipPruneError for a layer whose gradient rows, as read by the consumer, were all zero over the whole
+    calibration set (a layer the consumer never read is not judged)."""
+    for name in names:
+        if name in accessed and name not in nonzero:
+            raise ClipPruneError(f"sparsity: layer {name} has an identically zero gradient on all {samples} "
+                                 f"calibration samples (sparsity.loss={loss} does not depend on it); its Fisher "
+                                 f"would be damp*I and CAP would prune it as if its weights cost nothing")
 
 
 def count_samples(loader) -> int | None:
@@ -115,9 +156,12 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
     """
     loss_fn = get_loss_checked(loss)
     check_loss_options(loss, dict(loss_options or {}))
+    check_loss_for_towers(loss, {name.partition(".")[0] for name in layers})
     device = next(model.parameters()).device
     names = list(layers)
     seen = 0
+    accessed: set = set()
+    nonzero: set = set()
     total = count_samples(loader)
     with frozen_parameters(model):
         weights = [layers[n].weight for n in names]
@@ -138,7 +182,8 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
                                      f"sparsity.loss={loss} (needs {loss_fn.min_batch})")
                 images = images.to(device)
                 store: dict = {}
-                with _capture(layers, store):
+                ran: set = set()
+                with _capture(layers, store, ran):
                     image_features = model.encode_image(images)
                     text_features = None
                     if loss_fn.uses_text:
@@ -149,8 +194,9 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
                     if not torch.isfinite(value):
                         raise ClipPruneError(f"sparsity: non-finite loss in calibration batch {index}")
                     torch.autograd.grad(value * batch, weights, allow_unused=True)
+                _check_captured(names, ran, store, index, loss)
                 keep = min(batch, num_grads - seen)
-                out = _LazyGrads(layers, store, batch, keep)
+                out = _LazyGrads(layers, store, batch, keep, accessed, nonzero)
                 seen += keep
                 bar.update(keep)
                 yield out
@@ -160,3 +206,4 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
                 w.requires_grad_(False)  # frozen_parameters restores the original flags afterwards
     if seen == 0:
         raise DataError("sparsity: the calibration data yielded no batches")
+    _check_nonzero(names, accessed, nonzero, seen, loss)
