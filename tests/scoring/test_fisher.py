@@ -198,3 +198,72 @@ def test_fisher_option_and_data_errors(model):
         get_criterion("fisher")(model, None)
     with pytest.raises(ClipPruneError, match="no batches"):
         get_criterion("fisher")(model, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# no made-up zero scores: a mask cut off from the loss stops scoring, naming the mask key
+# ---------------------------------------------------------------------------------------------
+def bypass_mlp(model, tower: str, layer: int) -> None:
+    """Make the MLP of ``layer`` apply its second linear functionally: the neuron mask's hook point (the
+    input of that linear) is never called, so the mask entries of that layer are cut off from the loss."""
+    mlp = model.towers[tower].mlp(layer)
+    if model.family == "open_clip":
+        first, act, second = mlp.c_fc, mlp.gelu, mlp.c_proj
+    else:
+        first, act, second = mlp.fc1, mlp.activation_fn, mlp.fc2
+    mlp.forward = lambda x: F.linear(act(first(x)), second.weight, second.bias)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_layer_cut_off_from_the_loss_names_the_mask_and_the_layer(family):
+    model = tiny_model(family)
+    images, _ = sample_inputs(model, batch=2)
+    with torch.no_grad():
+        before = model.encode_image(images)
+        bypass_mlp(model, "vision", 1)
+        torch.testing.assert_close(model.encode_image(images), before)  # the same function, hook bypassed
+    with pytest.raises(ClipPruneError, match=r"^score: mask vision\.neuron layer 1 received an identically zero "
+                                             r"gradient in all 3 calibration batches .*would all score 0 and be "
+                                             r"pruned first$") as info:
+        get_criterion("fisher")(model, batches(model), towers="vision", loss="contrastive", granularity="batch")
+    assert "\n" not in str(info.value)
+    # the same check guards every criterion built on the shared gradient loop
+    with pytest.raises(ClipPruneError, match=r"mask vision\.neuron layer 1 received an identically zero"):
+        get_criterion("taylor_entropy")(model, batches(model), towers="vision", loss="entropy",
+                                        granularity="sample")
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_a_mask_that_gets_no_gradient_at_all_names_the_mask_and_the_batch(granularity):
+    model = tiny_model("open_clip")
+    for layer in range(len(model.towers["text"].blocks())):
+        bypass_mlp(model, "text", layer)
+    with pytest.raises(ClipPruneError, match=r"^score: mask text\.neuron received no gradient in calibration "
+                                             r"batch 0 \(none of its hook points ran"):
+        get_criterion("fisher")(model, batches(model), towers="both", loss="contrastive", granularity=granularity)
+
+
+def test_a_dead_unit_scores_zero_but_a_mask_without_units_is_empty():
+    """Decisions: a single head that cannot influence the output (zero value rows) scores exactly 0 and is
+    pruned first — correct, removing it costs nothing; a mask kind with no units left (every attention
+    sub-block already pruned away) has nothing to score and yields an empty [layers, 0] score."""
+    from clipprune.models.prune import prune_model
+
+    model = tiny_model("hf")
+    attention = model.towers["vision"].attention(0)
+    head_dim = model.towers["vision"].head_dim
+    with torch.no_grad():
+        attention.v_proj.weight[:head_dim] = 0
+        attention.v_proj.bias[:head_dim] = 0
+    result = get_criterion("fisher")(model, batches(model), towers="vision", loss="contrastive")
+    assert result.scores["vision.head"][0, 0] == 0
+    assert bool((result.scores["vision.head"][0, 1:] > 0).all()) and bool((result.scores["vision.neuron"] > 0).all())
+
+    masks = full_masks(model, ("vision",))
+    masks["vision.head"] = torch.zeros_like(masks["vision.head"])  # drop every vision attention sub-block
+    pruned = prune_model(model, masks)
+    result = get_criterion("fisher")(pruned, batches(pruned), towers="vision", loss="contrastive")
+    layers = len(pruned.towers["vision"].blocks())
+    assert result.scores["vision.head"].shape == (layers, 0)
+    assert result.scores["vision.neuron"].shape == masks["vision.neuron"].shape
+    assert bool((result.scores["vision.neuron"] > 0).all())

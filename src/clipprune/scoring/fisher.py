@@ -8,6 +8,14 @@ backward builds only the graph that leads to the masks and no parameter ``.grad`
   own copy of the masks (``[batch, layers, units]``, ``models.masks.apply_sample_masks``), so the gradient
   of the summed batch loss (batch size × mean loss) w.r.t. copy ``b`` is sample ``b``'s gradient through
   its own activations. Rows of a batch sum to batch size × that batch's gradient.
+
+No mask is ever given a made-up zero gradient (a zero score is pruned first): a mask that receives no
+gradient in a batch, or a layer of a mask whose gradient is identically zero over the whole calibration
+set (its hook point was bypassed or does not reach the loss), stops scoring with an error naming the mask
+key, the layer or the batch. Units that cannot reach the loss by construction (the text tower under an
+images-only loss) are refused up front (``check_towers_for_loss``). The one legitimate case is a mask with
+no units at all (every sub-block of that kind already pruned away, shape ``[layers, 0]``): nothing to
+score, its empty gradient stays empty.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from tqdm.auto import tqdm
 
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
-from clipprune.models.masks import apply_masks, apply_sample_masks, full_masks
+from clipprune.models.masks import apply_masks, apply_sample_masks, block_widths, full_masks, parse_mask_key
 
 from .losses import check_loss_options, get_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
@@ -58,12 +66,13 @@ def check_towers_for_loss(loss: str, towers: tuple[str, ...]) -> None:
 
 def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor | None, loss: str,
                    towers: tuple[str, ...], per_sample: bool, loss_options: dict | None = None,
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   batch_index: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss value, {mask key: gradient}) of one batch with all-ones masks on ``towers``.
 
     The gradient is ``[layers, units]`` of the batch's mean loss, or with ``per_sample`` ``[batch, layers,
     units]`` of the summed loss, row ``b`` through sample ``b``'s own activations. Parameters must already
-    be frozen (``frozen_parameters``) for the backward to reach only the masks.
+    be frozen (``frozen_parameters``) for the backward to reach only the masks. A mask with units that gets
+    no gradient at all is a ClipPruneError naming it and ``batch_index``.
     """
     loss_fn = get_loss(loss)
     batch = images.shape[0]
@@ -81,7 +90,38 @@ def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor 
     objective = value * batch if per_sample else value
     keys = list(masks)
     grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
-    return value.detach(), {k: torch.zeros_like(masks[k]) if g is None else g for k, g in zip(keys, grads)}
+    out = {}
+    for key, grad in zip(keys, grads):
+        if grad is None and masks[key].numel() > 0:
+            raise ClipPruneError(f"score: mask {key} received no gradient in calibration batch {batch_index} "
+                                 f"(none of its hook points ran, or they do not reach score.loss={loss})")
+        # a mask without units (every such sub-block pruned away) has nothing to score
+        out[key] = torch.zeros_like(masks[key]) if grad is None else grad
+    return value.detach(), out
+
+
+def _reached_layers(grad: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """``[layers]`` bool: layers with any non-zero gradient entry in this batch."""
+    nonzero = grad.detach() != 0
+    if per_sample:
+        nonzero = nonzero.any(0)
+    return nonzero.any(-1).cpu()
+
+
+def check_every_layer_reached(model: ClipModel, reached: dict[str, torch.Tensor], batches: int, loss: str) -> None:
+    """ClipPruneError for a layer with units whose mask gradient was zero in every calibration batch.
+
+    Single units may legitimately score 0 (a dead head or neuron: pruning it costs nothing), but a whole
+    layer with no gradient means its hook point was bypassed or is cut off from the loss: its units would
+    all score 0 and be pruned first.
+    """
+    for key, layers in reached.items():
+        tower, kind = parse_mask_key(key)
+        for layer, width in enumerate(block_widths(model, tower, kind)):
+            if width > 0 and not bool(layers[layer]):
+                raise ClipPruneError(f"score: mask {key} layer {layer} received an identically zero gradient in "
+                                     f"all {batches} calibration batches (its hook point does not reach "
+                                     f"score.loss={loss}); its {kind}s would all score 0 and be pruned first")
 
 
 def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bool, loss_options: dict | None,
@@ -90,10 +130,13 @@ def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bo
 
     The shared loop of the gradient criteria: checks that the batch holds image tensors, moves it to the
     model's device, tokenizes captions only when the loss reads text, and stops with a one-line error on a
-    non-finite loss or gradient.
+    non-finite loss or gradient, and after the last batch on a layer that no gradient reached
+    (``check_every_layer_reached``).
     """
     uses_text = get_loss(loss).uses_text
     device = next(model.parameters()).device
+    reached: dict[str, torch.Tensor] = {}
+    batches = 0
     with frozen_parameters(model):
         for index, (images, captions) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress)):
             if not isinstance(images, torch.Tensor):
@@ -102,11 +145,18 @@ def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bo
             images = images.to(device)
             # captions are not even tokenized for an image-only loss: they cannot influence the gradients
             tokens = _tokens(model, captions).to(device) if uses_text else None
-            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options)
+            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options,
+                                          batch_index=index)
             if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
                 raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
                                      f"check the model weights, score.loss and score.options")
+            for key, grad in grads.items():
+                now = _reached_layers(grad, per_sample)
+                reached[key] = now if key not in reached else reached[key] | now
+            batches += 1
             yield images, value, grads
+    if batches:
+        check_every_layer_reached(model, reached, batches, loss)
 
 
 @register_criterion("fisher")
