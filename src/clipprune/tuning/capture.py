@@ -121,36 +121,107 @@ def iter_tower_batches(model: ClipModel, loader_or_inputs, towers: Sequence[str]
         yield out
 
 
-def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: positions at or before the token the text embedding is pooled from.
+# text pooling rules of open_clip 3.3.0 (``text_global_pool``; ``TextTransformer`` accepts exactly these)
+OPEN_CLIP_POOL_TYPES = ("argmax", "eos", "first", "last", "none")
 
-    CLIP's text tower is causal, so later positions (padding) never reach the pooled output; fitting
-    them would let padding dominate short captions. The pooled index follows each family's own rule;
-    for pooling rules that read every position, every position is valid.
+
+@dataclass(frozen=True)
+class TextPooling:
+    """Where a text tower reads its embedding from, and which positions can reach it.
+
+    ``rule``: ``argmax`` (the highest token id: CLIP's EOT), ``eos`` (the first ``eos_id``), ``first``,
+    ``last``, or ``none`` (no pooling: every position is an output). ``causal``: position ``t`` sees only
+    positions ≤ ``t``. ``pad_id``: a bidirectional tower that masks padding keys (open_clip ``use_pad_mask``).
     """
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    pooled = _pooled_index(model, tokens)
-    if pooled is None:
-        return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
-    return positions[None, :] <= pooled[:, None]
+
+    rule: str
+    eos_id: int | None
+    causal: bool
+    pad_id: int | None = None
 
 
-def _pooled_index(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor | None:
+_MISSING = object()
+
+
+def _attribute(model: ClipModel, owner, name: str):
+    value = getattr(owner, name, _MISSING)
+    if value is _MISSING:
+        raise ModelLoadError(f"{model.name}: the text tower ({type(owner).__name__}) has no {name}; mask tuning "
+                             f"cannot tell which token positions reach the text embedding")
+    return value
+
+
+def text_pooling(model: ClipModel) -> TextPooling:
+    """The text pooling of ``model``, read from the modules that apply it (ModelLoadError if unknown).
+
+    transformers 5 ``CLIPTextTransformer``: always causal; pools at the first ``eos_token_id``, or at the
+    argmax token when the config keeps the legacy id 2. open_clip ``CLIP`` / ``CustomTextCLIP``: the
+    ``text_pool_type`` / ``pool_type`` rule, causal unless built with ``no_causal_mask``.
+    """
     if model.family == "hf":
-        eos = getattr(model.module.config.text_config, "eos_token_id", 2)
-        if eos == 2:  # transformers keeps argmax pooling for configs with the legacy eos id
-            return tokens.argmax(dim=-1)
-        return (tokens == eos).int().argmax(dim=-1)
-    owner = getattr(model.module, "text", model.module)  # CustomTextCLIP keeps pooling on .text
-    pool_type = getattr(owner, "pool_type", getattr(owner, "text_pool_type", "argmax"))
-    if pool_type == "argmax":
+        text_model = model.module.text_model
+        eos = _attribute(model, text_model, "eos_token_id")
+        if isinstance(eos, bool) or not isinstance(eos, int):
+            raise ModelLoadError(f"{model.name}: text_config.eos_token_id must be one integer (the token the text "
+                                 f"embedding is pooled at), got {eos!r}")
+        return TextPooling("argmax" if eos == 2 else "eos", eos, causal=True)
+    if model.family != "open_clip":
+        raise ModelLoadError(f"{model.name}: no text pooling rule is known for model family {model.family!r}")
+    text = getattr(model.module, "text", None)
+    if text is not None:  # CustomTextCLIP: pooling lives on its TextTransformer
+        if _attribute(model, text, "cls_emb") is not None:
+            raise ModelLoadError(f"{model.name}: the text tower appends a class token (embed_cls) and pools it; "
+                                 f"mask tuning does not support this text tower")
+        rule, eos = _attribute(model, text, "pool_type"), _attribute(model, text, "eos_id")
+        causal = _attribute(model, text, "attn_mask") is not None
+        pad_id = _attribute(model, text, "pad_id") if getattr(text, "use_pad_mask", False) else None
+    else:
+        owner = model.module
+        rule, eos = _attribute(model, owner, "text_pool_type"), _attribute(model, owner, "text_eos_id")
+        causal, pad_id = _attribute(model, owner, "attn_mask") is not None, None
+    if rule not in OPEN_CLIP_POOL_TYPES:
+        raise ModelLoadError(f"{model.name}: unknown text pooling rule {rule!r} (mask tuning knows "
+                             f"{', '.join(OPEN_CLIP_POOL_TYPES)})")
+    if rule == "eos" and not isinstance(eos, int):
+        raise ModelLoadError(f"{model.name}: text pooling rule 'eos' needs an integer eos id, got {eos!r}")
+    return TextPooling(rule, eos, causal, pad_id)
+
+
+def pooled_positions(pooling: TextPooling, tokens: torch.Tensor) -> torch.Tensor | None:
+    """``[B]`` position each row's embedding is read from, as the model computes it; ``None`` for ``none``."""
+    if pooling.rule == "argmax":
         return tokens.argmax(dim=-1)
-    if pool_type == "eos":
-        eos = getattr(owner, "eos_id", getattr(owner, "text_eos_id", None))
-        return (tokens == eos).int().argmax(dim=-1) if eos is not None else None
-    if pool_type == "first":
+    if pooling.rule == "eos":  # the first eos (position 0 when a row has none, as the models do)
+        return (tokens == pooling.eos_id).int().argmax(dim=-1)
+    if pooling.rule == "first":
         return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    return None  # "last" / "none": every position may matter
+    if pooling.rule == "last":
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+    if pooling.rule == "none":
+        return None
+    raise ModelLoadError(f"unknown text pooling rule {pooling.rule!r}")
+
+
+def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the token positions that can influence the text embedding.
+
+    In a causal tower those at or before the pooled position (padding after the EOT never reaches it;
+    fitting it would let padding dominate short captions). Every position is valid where the rule says so:
+    ``none`` (every position is an output), ``last`` in a causal tower (the last position sees all), and any
+    rule in a bidirectional tower, except padding keys that the tower masks out.
+    """
+    pooling = text_pooling(model)
+    everything = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    pooled = pooled_positions(pooling, tokens)
+    if pooled is None:
+        return everything
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    if pooling.causal:
+        return positions <= pooled[:, None]
+    if pooling.pad_id is None:
+        return everything
+    # masked padding keys reach no other position; a pad position matters only as the pooled one itself
+    return (tokens != pooling.pad_id) | (positions == pooled[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
