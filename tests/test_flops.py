@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clipprune import flops
 from clipprune.errors import MaskError, ParamError
+from clipprune.export import export_pruned, load_pruned
 from clipprune.models import full_masks, load_model
 from clipprune.models.base import BlockView
 from clipprune.models.prune import prune_model
@@ -240,12 +241,14 @@ def oracle_models():
 
 
 @pytest.mark.parametrize("name", ["fixture", "open_clip", "hf"])
-def test_mac_model_equals_the_flop_counter_dense_and_pruned(name):
+def test_mac_model_equals_the_flop_counter_dense_and_pruned(name, tmp_path):
     dense = oracle_models()[name]()
     images, tokens = sample_inputs(dense, batch=1)
     masks = uneven_masks(dense)
     pruned = prune_model(dense, masks)
+    exported = load_pruned(export_pruned(dense, masks, tmp_path / "pruned"))  # what evaluate measures
     for tower, inputs in (("vision", images), ("text", tokens)):
+        assert check_against_counter(exported, tower, inputs)[0] == check_against_counter(pruned, tower, inputs)[0]
         views = pruned.towers[tower].block_views()
         assert any(v.num_heads == 0 for v in views) and any(v.ffn_dim == 0 for v in views)
         assert len({(v.num_heads, v.ffn_dim) for v in views}) == len(views)  # uneven widths
