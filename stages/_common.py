@@ -1,15 +1,24 @@
-"""Shared entry-point wrapper for stages: params loading, one-line errors, exit codes."""
+"""Shared entry-point wrapper for stages: params loading, the model-files guard, one-line errors, exit codes."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from clipprune.errors import ClipPruneError
-from clipprune.params import load_params
+from clipprune.model_files import check_model_files
+from clipprune.params import get_str, load_params
+
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
+MODEL_FILES_DEP = "${model_files}"
+# stages read every path relative to the repository root they run in: the fixtures too, so that a copy of
+# the repo (a `dvc exp run` temp dir, a test's scratch copy) reads its own data/fixtures, the files it hashes
+FIXTURES = "data/fixtures"
 
 
 class Terminated(KeyboardInterrupt):
@@ -20,16 +29,44 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def declares_model_files(name: str, dvc_yaml: Path = DVC_YAML) -> bool:
+    """True if stage ``name`` of dvc.yaml depends on ``${model_files}`` (the stages that load the model)."""
+    from ruamel.yaml import YAML
+
+    if not dvc_yaml.is_file():
+        return False
+    spec = (YAML(typ="safe", pure=True).load(dvc_yaml.read_text()).get("stages") or {}).get(name)
+    if not isinstance(spec, dict):
+        return False  # not a pipeline stage (e.g. a test's writer)
+    body = spec.get("do", spec) if "foreach" in spec else spec
+    return MODEL_FILES_DEP in [str(dep) for dep in body.get("deps") or []]
+
+
+def check_stage_model(name: str, params: dict) -> None:
+    """Before any work: a stage that declares the ``${model_files}`` dep must get every file its model reads.
+
+    Otherwise DVC would hash one folder while the stage reads another, and new weights would rerun nothing.
+    """
+    if declares_model_files(name):
+        check_model_files(get_str(params, "model"), get_str(params, "model_files"))
+
+
 def run_stage(name: str, main: Callable[[dict], None], params_path: str = "params.yaml") -> None:
     """Run ``main(params)``; user errors print one line and exit 1, anything else exits 2 with a traceback.
 
+    First, a stage that loads the model checks ``model_files`` (``check_stage_model``).
     SIGINT (exit 130) and SIGTERM (exit 143) unwind the stage like an exception, so no temporary is left.
     """
     start = time.perf_counter()
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    set_fixtures = "CLIPPRUNE_FIXTURES" not in os.environ
+    if set_fixtures:
+        os.environ["CLIPPRUNE_FIXTURES"] = FIXTURES  # torchrun workers inherit it; unset again below
     try:
-        main(load_params(params_path))
+        params = load_params(params_path)
+        check_stage_model(name, params)
+        main(params)
     except ClipPruneError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -40,6 +77,8 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
         traceback.print_exc()
         sys.exit(2)
     finally:
+        if set_fixtures:
+            os.environ.pop("CLIPPRUNE_FIXTURES", None)
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -3,33 +3,39 @@
 Names: ``fixture:<name>`` (data/fixtures/<name>/, the embedded default), ``open_clip:<arch>/<pretrained
 tag or local file>``, ``hf:<repo id or local dir>``, ``pruned:<dir>`` (a directory written by
 ``export.export_pruned``). Weights are looked up in local caches first; a name that cannot be loaded
-fails with a one-line ModelLoadError saying how to make the weights available.
+fails with a one-line ModelLoadError saying how to make the weights available. ``resolve_model_files(name)``
+(from ``clipprune.model_files``) says which local files or folders a name reads, without loading them.
+
+``hf:`` models read their tokenizer and image preprocessing from the same folder as the weights. A present
+but unreadable tokenizer file or preprocessor_config.json is a ModelLoadError naming the file; a missing
+preprocessor_config.json (or key) takes CLIP's defaults and a missing tokenizer leaves the model without
+one (text encoding then fails), each logged once as an ``AssumedDefaultsWarning``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
+import math
 import pickle  # only for its exception type: nothing is unpickled
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import ModelLoadError
+from ..model_files import (check_model_files, fixture_files, fixtures_root, hf_directory, parse_open_clip,
+                           resolve_model_files, split_name)
 from .base import ClipModel
 
+__all__ = ["LOADERS", "AssumedDefaultsWarning", "check_model_files", "fixtures_root", "load_model",
+           "resolve_model_files", "wrap_open_clip"]
 
-def fixtures_root() -> Path:
-    """data/fixtures of the repository (override with env CLIPPRUNE_FIXTURES)."""
-    override = os.environ.get("CLIPPRUNE_FIXTURES")
-    if override:
-        return Path(override)
-    import clipprune
 
-    return Path(clipprune.__file__).resolve().parents[2] / "data" / "fixtures"
+class AssumedDefaultsWarning(UserWarning):
+    """A model folder lacks an optional file; the documented default stands in for it (logged once)."""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -65,14 +71,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _load_fixture(spec: str, device: str) -> ClipModel:
     from .open_clip_adapter import OpenClipModel, build_open_clip_module
 
-    root = fixtures_root()
-    directory = root / spec
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    hint = ("build it with the project's fixture script (make fixtures) or point CLIPPRUNE_FIXTURES "
-            "at a directory holding <name>/config.json and <name>/model.safetensors")
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ModelLoadError(f"fixture:{spec}: {path} not found; {hint}")
+    config_path, weights_path = fixture_files(spec)
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -140,16 +139,7 @@ def _load_open_clip(spec: str, device: str) -> ClipModel:
 
     from .open_clip_adapter import OpenClipModel
 
-    arch, _, pretrained = spec.partition("/")
-    usage = "expected open_clip:<arch>/<pretrained tag or local checkpoint file>, e.g. open_clip:ViT-B-32/openai"
-    if not arch or not pretrained:
-        raise ModelLoadError(f"open_clip:{spec}: {usage}")
-    if arch not in open_clip.list_models():
-        raise ModelLoadError(f"open_clip:{spec}: unknown architecture {arch!r} (see open_clip.list_models()); {usage}")
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    if pretrained not in tags and not os.path.isfile(pretrained):
-        raise ModelLoadError(f"open_clip:{spec}: {pretrained!r} is neither a pretrained tag of {arch} "
-                             f"({', '.join(tags) or 'none'}) nor an existing checkpoint file")
+    arch, pretrained, _ = parse_open_clip(spec)
     try:
         with _quiet_root_logger():
             module, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu",
@@ -209,7 +199,7 @@ def _load_hf(spec: str, device: str) -> ClipModel:
     from .hf_adapter import HFClipModel, HFTokenizer, default_export_config
 
     if not spec:
-        raise ModelLoadError("hf:: expected hf:<repo id or local dir>, e.g. hf:openai/clip-vit-base-patch32")
+        hf_directory(spec)  # raises the usage error
     local = Path(spec).is_dir()
     # cache first (no network); a download is only tried when not offline and the name is not a local dir
     attempts = [True] if local or _hub_offline() else [True, False]
@@ -230,56 +220,102 @@ def _load_hf(spec: str, device: str) -> ClipModel:
             f"directory saved with save_pretrained as hf:<dir>"
         )
     module = module.float().eval()
+    directory = hf_directory(spec)  # the folder the weights came from: tokenizer and preprocessing live there
     context_length = int(module.config.text_config.max_position_embeddings)
-    tokenizer = None
-    for tok_cls in _tokenizer_classes() if _has_tokenizer_files(spec) else []:
-        try:
-            tokenizer = HFTokenizer(tok_cls.from_pretrained(spec, local_files_only=True), context_length)
-            break
-        except Exception:
-            continue
-    mean, std, size = _image_processor_settings(spec, module)
+    tokenizer = _hf_tokenizer(directory, f"hf:{spec}", context_length)
+    mean, std, size = _image_processor_settings(directory, f"hf:{spec}", module)
     config = default_export_config(module, mean, std, size)
     return HFClipModel(module, f"hf:{spec}", config, tokenizer=tokenizer).to(device)
 
 
-def _has_tokenizer_files(spec: str) -> bool:
-    """transformers builds an empty tokenizer when none was saved; only load one whose files exist."""
-    from transformers.utils import cached_file
-
-    for filename in ("tokenizer.json", "vocab.json"):
-        try:
-            if cached_file(spec, filename, local_files_only=True, _raise_exceptions_for_missing_entries=False):
-                return True
-        except Exception:
-            continue
-    return False
+def _warn_assumed(message: str) -> None:
+    warnings.warn(message, AssumedDefaultsWarning, stacklevel=3)  # once per message (Python's default filter)
 
 
-def _tokenizer_classes():
-    import transformers
+def _read_json_file(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path}: unreadable {what} ({_first_line(err)})") from err
 
-    return [getattr(transformers, n) for n in ("CLIPTokenizerFast", "CLIPTokenizer") if hasattr(transformers, n)]
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _image_processor_settings(spec: str, module):
-    """(mean, std, crop size) from a cached/local preprocessor_config.json, else CLIP's defaults."""
+def _hf_tokenizer(directory: Path, name: str, context_length: int):
+    """The CLIP tokenizer saved in ``directory``: tokenizer.json, or vocab.json + merges.txt.
+
+    Present but unreadable: ModelLoadError naming the file. None at all: no tokenizer (logged); the model
+    loads and vision-only stages work, encoding text fails with a one-line reason (MissingTokenizer).
+    """
+    from transformers import CLIPTokenizer  # transformers 5: one class, backed by the tokenizers library
+
+    from .hf_adapter import HFTokenizer
+
+    fast, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
+    if fast.is_file():
+        main = fast
+    elif vocab.is_file() or merges.is_file():
+        if not (vocab.is_file() and merges.is_file()):
+            present, absent = (vocab, merges) if vocab.is_file() else (merges, vocab)
+            raise ModelLoadError(f"{absent} not found next to {present.name} (a CLIP BPE tokenizer needs both, "
+                                 f"or a tokenizer.json)")
+        main = vocab
+    else:
+        _warn_assumed(f"{name}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {directory}; "
+                      f"the model has no tokenizer and encoding text will fail")
+        return None
+    for filename in TOKENIZER_JSON_FILES:
+        if (directory / filename).is_file():
+            _read_json_file(directory / filename, "tokenizer file")
+    try:
+        return HFTokenizer(CLIPTokenizer.from_pretrained(str(directory), local_files_only=True), context_length)
+    except Exception as err:  # the files parse as JSON but do not make a tokenizer
+        raise ModelLoadError(f"{main}: unreadable tokenizer file ({_first_line(err)[:200]})") from err
+
+
+def _image_processor_settings(directory: Path, name: str, module) -> tuple[list, list, int]:
+    """(mean, std, crop size) from ``directory``/preprocessor_config.json.
+
+    A missing file or key takes CLIPImageProcessor's default (OpenAI CLIP mean / std; the crop is the vision
+    config's image_size), logged once; a present but unreadable or malformed file is a ModelLoadError.
+    """
     from .hf_adapter import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
 
-    mean, std, size = DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD, module.config.vision_config.image_size
-    try:
-        from transformers.utils import cached_file
+    path = directory / "preprocessor_config.json"
+    defaults = {"image_mean": list(DEFAULT_IMAGE_MEAN), "image_std": list(DEFAULT_IMAGE_STD),
+                "crop_size": int(module.config.vision_config.image_size)}
+    if not path.is_file():
+        _warn_assumed(f"{name}: no preprocessor_config.json in {directory}; assuming CLIP's image preprocessing "
+                      f"(image_mean {defaults['image_mean']}, image_std {defaults['image_std']}, crop_size "
+                      f"{defaults['crop_size']} from the vision config)")
+        return defaults["image_mean"], defaults["image_std"], defaults["crop_size"]
+    cfg = _read_json_file(path, "image preprocessor config")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    absent = [key for key in defaults if key not in cfg]
+    if absent:
+        _warn_assumed(f"{name}: {path} has no {', '.join(absent)}; assuming "
+                      + ", ".join(f"{key} {defaults[key]}" for key in absent))
+    values = {**defaults, **{key: cfg[key] for key in defaults if key in cfg}}
+    for key in ("image_mean", "image_std"):
+        value = values[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(_finite_number(v) for v in value)) or \
+                (key == "image_std" and min(value) <= 0):
+            raise ModelLoadError(f"{path}: {key} must be a list of 3 {'positive ' if key == 'image_std' else ''}"
+                                 f"numbers, got {value!r}")
+    crop = values["crop_size"]
+    if isinstance(crop, dict):
+        sides = {crop.get("height"), crop.get("width")} - {None}
+        crop = sides.pop() if len(sides) == 1 else None
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
+        raise ModelLoadError(f"{path}: crop_size must be a positive integer or a square "
+                             f"{{height, width}}, got {values['crop_size']!r}")
+    return [float(v) for v in values["image_mean"]], [float(v) for v in values["image_std"]], crop
 
-        path = cached_file(spec, "preprocessor_config.json", local_files_only=True,
-                           _raise_exceptions_for_missing_entries=False)
-        if path:
-            cfg = json.loads(Path(path).read_text())
-            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-            crop = cfg.get("crop_size", size)
-            size = crop.get("height", size) if isinstance(crop, dict) else crop
-    except Exception:
-        pass  # the defaults are CLIPImageProcessor's own
-    return mean, std, size
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _load_pruned(spec: str, device: str) -> ClipModel:
@@ -298,9 +334,5 @@ LOADERS: dict[str, Callable[[str, str], ClipModel]] = {
 
 def load_model(name: str, device: str | torch.device = "cpu") -> ClipModel:
     """Load a CLIP model by name (see module docstring) in eval mode, float32, on ``device``."""
-    prefix, sep, spec = str(name).partition(":")
-    if not sep or prefix not in LOADERS:
-        valid = ", ".join(f"{p}:" for p in LOADERS)
-        raise ModelLoadError(f"model name {name!r} must start with one of {valid} "
-                             f"(e.g. fixture:tiny_clip, hf:openai/clip-vit-base-patch32)")
+    prefix, spec = split_name(name)
     return LOADERS[prefix](spec, str(device))
