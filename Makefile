@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipprune-installed
 
-.PHONY: venv repro test test-fast bench clean-venv sweep methods
+.PHONY: venv repro test test-fast bench clean-venv sweep methods deps
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ repro: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@echo "metrics: reports/metrics.json"
 	@PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+
+# Rewrites the code deps of every stage in dvc.yaml from the imports of its script (scripts/stage_deps.py;
+# `python scripts/stage_deps.py check` lists what is missing or extra without writing).
+deps: $(STAMP)
+	$(BIN)/python scripts/stage_deps.py write
 
 # The full suite, slow end-to-end tests included (what CI runs).
 test: $(STAMP)

@@ -162,3 +162,31 @@ def offline_fixture():
     import pytest
 
     return pytest.fixture(autouse=True)(_offline)
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "a" * 40) -> Path:
+    """Lay ``files`` out as huggingface_hub's cache does; returns ``models--org--name/snapshots/<revision>``.
+
+    Each file is a blob named by its sha256 and a relative symlink in the snapshot folder; refs/main names
+    ``revision`` (the latest call for a repo wins, as after a new download).
+    """
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def saved_files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` by relative path (what save_pretrained wrote)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

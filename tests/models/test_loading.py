@@ -1,6 +1,7 @@
 """load_model: name resolution, fixtures, local transformers directories, offline failures."""
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import save_file
 
 from clipprune.errors import ModelLoadError
 from clipprune.models import load_model
+from clipprune.models.loading import AssumedDefaultsWarning
 from clipprune.models.hf_adapter import HFClipModel
 from clipprune.models.open_clip_adapter import OpenClipModel, build_open_clip_module, check_supported
 
@@ -116,9 +118,100 @@ def test_hf_local_directory_with_tokenizer(tmp_path):
 
 def test_hf_local_directory_without_tokenizer_fails_when_tokenizing(tmp_path):
     random_hf_module().save_pretrained(str(tmp_path / "clip"))
-    model = load_model(f"hf:{tmp_path / 'clip'}")
+    with pytest.warns(AssumedDefaultsWarning, match=r"no tokenizer files \(tokenizer.json, or vocab.json"):
+        model = load_model(f"hf:{tmp_path / 'clip'}")
     with pytest.raises(ModelLoadError, match="tokenizer"):
         model.tokenizer(["a photo"])
+
+
+def _hf_dir(tmp_path, tokenizer: bool = True):
+    directory = tmp_path / "clip"
+    random_hf_module(seed=1).save_pretrained(str(directory))
+    if tokenizer:
+        write_tiny_tokenizer(directory, context_length=16)
+    return directory
+
+
+def _one_line_error(directory) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(f"hf:{directory}")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("content", ['{"version": "1.0", "model": ', "{}", "\x00\xff garbage"],
+                         ids=["truncated JSON", "not a tokenizer", "binary"])
+def test_hf_unreadable_tokenizer_json_names_the_file(tmp_path, content):
+    directory = _hf_dir(tmp_path)
+    assert (directory / "tokenizer.json").is_file()  # what write_tiny_tokenizer saved
+    (directory / "tokenizer.json").write_bytes(content.encode("latin-1"))
+    message = _one_line_error(directory)
+    assert message.startswith(f"{directory / 'tokenizer.json'}: unreadable tokenizer")
+
+
+def test_hf_unreadable_tokenizer_config_names_the_file(tmp_path):
+    directory = _hf_dir(tmp_path)
+    (directory / "tokenizer_config.json").write_text("{oops")
+    assert _one_line_error(directory).startswith(f"{directory / 'tokenizer_config.json'}: unreadable tokenizer")
+
+
+def test_hf_bpe_vocab_without_merges_names_the_missing_file(tmp_path):
+    directory = _hf_dir(tmp_path, tokenizer=False)
+    (directory / "vocab.json").write_text(json.dumps({"a": 0}))
+    assert _one_line_error(directory).startswith(f"{directory / 'merges.txt'} not found next to vocab.json")
+
+
+def test_hf_tokenizer_from_vocab_and_merges_only(tmp_path):
+    """vocab.json + merges.txt without tokenizer.json (an older save) still make the tokenizer."""
+    directory = _hf_dir(tmp_path)
+    reference = load_model(f"hf:{directory}").tokenizer(["abc", "hello world"])
+    (directory / "tokenizer.json").unlink()
+    assert torch.equal(load_model(f"hf:{directory}").tokenizer(["abc", "hello world"]), reference)
+
+
+PREPROCESSOR = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "crop_size": {"height": 32, "width": 32}}
+
+
+def test_hf_preprocessor_config_is_read(tmp_path):
+    directory = _hf_dir(tmp_path)
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is assumed
+        config = load_model(f"hf:{directory}").export_config()
+    assert (config["image_mean"], config["image_std"], config["image_size"]) == ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3], 32)
+
+
+def test_hf_missing_preprocessor_config_uses_clip_defaults_and_says_so(tmp_path):
+    directory = _hf_dir(tmp_path)
+    with pytest.warns(AssumedDefaultsWarning) as record:
+        config = load_model(f"hf:{directory}").export_config()
+    message = str(record[0].message)
+    assert f"no preprocessor_config.json in {directory}; assuming CLIP's image preprocessing" in message
+    assert (config["image_mean"], config["image_std"], config["image_size"]) == (IMAGE_MEAN, IMAGE_STD, 32)
+
+
+def test_hf_preprocessor_config_missing_a_key_says_which(tmp_path):
+    directory = _hf_dir(tmp_path)
+    (directory / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3], "crop_size": 32}))
+    with pytest.warns(AssumedDefaultsWarning, match=r"preprocessor_config.json has no image_std; assuming image_std"):
+        config = load_model(f"hf:{directory}").export_config()
+    assert (config["image_mean"], config["image_std"]) == ([0.5, 0.4, 0.3], IMAGE_STD)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"image_mean": [0.5, 0.4', "unreadable image preprocessor config"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    (json.dumps({**PREPROCESSOR, "image_mean": "imagenet"}), "image_mean must be a list of 3 numbers"),
+    (json.dumps({**PREPROCESSOR, "image_std": [0.2, 0.0, 0.3]}), "image_std must be a list of 3 positive numbers"),
+    (json.dumps({**PREPROCESSOR, "crop_size": {"height": 32, "width": 48}}), "crop_size must be a positive integer"),
+    (json.dumps({**PREPROCESSOR, "crop_size": "224"}), "crop_size must be a positive integer"),
+])
+def test_hf_malformed_preprocessor_config_names_the_file(tmp_path, content, match):
+    directory = _hf_dir(tmp_path)
+    (directory / "preprocessor_config.json").write_text(content)
+    message = _one_line_error(directory)
+    assert message.startswith(f"{directory / 'preprocessor_config.json'}: ") and match in message
 
 
 def test_hf_name_not_available_offline(empty_hub_cache):
