@@ -86,8 +86,19 @@ def _resolve_relative(module: Module, level: int, target: str | None, where: str
     return ".".join([*base, target] if target else base)
 
 
-def imported_names(module: Module, repo: Path = REPO) -> set[str]:
+_NAMES: dict[tuple, frozenset[str]] = {}  # (module, file size, mtime) -> imported names: each file parsed once
+
+
+def imported_names(module: Module, repo: Path = REPO) -> frozenset[str]:
     """Dotted names a module imports (project or not), from every import statement and literal importlib call."""
+    stat = module.path.stat()
+    key = (module, stat.st_size, stat.st_mtime_ns)
+    if key not in _NAMES:
+        _NAMES[key] = frozenset(_parse_imports(module, repo))
+    return _NAMES[key]
+
+
+def _parse_imports(module: Module, repo: Path) -> set[str]:
     rel = module.path.relative_to(repo)
     try:
         tree = ast.parse(module.path.read_text(), filename=str(rel))
