@@ -236,7 +236,8 @@ def _rebuilt_deps(old, expected: list[str], loads_model: bool):
     """
     from ruamel.yaml.comments import CommentedSeq
 
-    kept = [(item, old.ca.items.get(i)) for i, item in enumerate(old) if not is_code_dep(str(item))]
+    comments = old.ca.items if hasattr(old, "ca") else {}
+    kept = [(item, comments.get(i)) for i, item in enumerate(old) if not is_code_dep(str(item))]
     if loads_model and MODEL_FILES_DEP not in [str(item) for item, _ in kept]:
         kept.insert(0, (MODEL_FILES_DEP, None))
     new = CommentedSeq(expected + [item for item, _ in kept])
