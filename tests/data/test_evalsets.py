@@ -123,7 +123,7 @@ def test_dataset_metrics_through_the_suite(evalroot):
     assert list(metrics) == ["imagenet1k", "flickr30k_karpathy_test"]
     zeroshot = metrics["imagenet1k"]["zeroshot"]
     assert zeroshot["acc1"] == pytest.approx(5 / 6)  # the red image in the shark folder reads as a tench
-    assert zeroshot["acc5"] == 1.0
+    assert zeroshot["acc5"] is None  # 3 classes: top-5 is undefined (CLIP_benchmark reports NaN)
     assert zeroshot["mean_per_class_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert metrics["imagenet1k"]["num_images"] == 6
     flickr = metrics["flickr30k_karpathy_test"]

@@ -112,7 +112,7 @@ def test_imbalanced_acc1_differs_from_mean_per_class_recall():
                                        progress=False)
     assert metrics["acc1"] == pytest.approx(0.8)
     assert metrics["mean_per_class_recall"] == pytest.approx((1 + 0 + 1) / 3)
-    assert metrics["acc5"] == 1.0  # k clipped to the 3 classes
+    assert metrics["acc5"] is None  # top-5 of 3 classes is undefined (CLIP_benchmark: NaN)
 
 
 def test_precomputed_classifier_skips_text_encoding():
@@ -144,3 +144,41 @@ def test_bad_inputs_raise_data_errors():
         zero_shot_classification(model, [], classes, TEMPLATES, progress=False)
     with pytest.raises(DataError, match="targets"):
         zero_shot_classification(model, batches([[1.0, 0, 0]], [3], 1), classes, TEMPLATES, progress=False)
+
+
+def test_topk_above_the_class_count_is_null_like_clip_benchmark():
+    """CLIP_benchmark 1.6.2 computes acc5 only with >= 5 classes (NaN otherwise); here every k > classes is None."""
+    generator = torch.Generator().manual_seed(3)
+    for n_classes in (1, 3, 4, 5, 6):
+        logits = torch.randn(40, n_classes, generator=generator)
+        targets = torch.randint(0, n_classes, (40,), generator=generator)
+        metrics = classification_metrics(logits, targets, ks=(1, 2, 5, 10))
+        ranks = (logits > logits.gather(1, targets[:, None])).sum(1)  # brute force: classes scored above
+        for k in (1, 2, 5, 10):
+            if k > n_classes:
+                assert metrics[f"acc{k}"] is None, (n_classes, k)
+            else:
+                assert metrics[f"acc{k}"] == pytest.approx((ranks < k).float().mean().item()), (n_classes, k)
+    assert classification_metrics(torch.randn(4, 5, generator=generator), torch.arange(4))["acc5"] == 1.0
+
+
+def test_three_class_zero_shot_set_reports_acc5_null_and_json_has_no_nan():
+    import json
+
+    model, classes = identity_model(3)
+    metrics = zero_shot_classification(model, batches([[1.0, 0, 0], [0, 0, 2.0]], [0, 2], 2), classes, TEMPLATES,
+                                       progress=False)
+    assert metrics == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
+    assert json.dumps(metrics, allow_nan=False) == '{"acc1": 1.0, "acc5": null, "mean_per_class_recall": 1.0}'
+
+
+def test_bad_ks_are_param_errors():
+    with pytest.raises(ParamError, match="ks must be"):
+        classification_metrics(torch.zeros(2, 3), torch.tensor([0, 1]), ks=(0,))
+
+
+def test_progress_bars_are_labelled(capsys):
+    model, classes = identity_model(3)
+    zero_shot_classification(model, batches([[1.0, 0, 0]], [0], 1), classes, TEMPLATES, desc="tuned masks zero-shot")
+    err = capsys.readouterr().err
+    assert "tuned masks zero-shot classifier" in err and "tuned masks zero-shot:" in err

@@ -205,3 +205,28 @@ def test_report_stage_bad_metrics_is_one_line_error(tmp_path, masks):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[0].startswith("report: error: reports/metrics.json: expected")
     assert not (root / "reports/summary.md").exists()
+
+
+def test_null_top5_is_a_dash_everywhere(tmp_path, metrics, masks):
+    """acc5 is null for sets with fewer than 5 classes (CLIP_benchmark: NaN): no crash, no 'nan' / 'None' cells."""
+    for block in (metrics["dense"], metrics["pruned"]):
+        block["zeroshot"]["acc5"] = None
+    metrics["summary"] = summary_metrics(metrics, "fisher+mac", 0.5)
+    md = summary_markdown(metrics, kept_units(masks))
+    assert table_rows(md, "Dense vs pruned")["zero-shot top-5 (%)"] == ["–", "–", "–"]
+    assert not re.search(r"\|\s*(nan|none|null)\s*\|", md, re.IGNORECASE)
+    assert "Top-5 is undefined with fewer than 5 classes" in md
+    root = make_stage_dir(tmp_path / "repo", metrics, masks)
+    assert '"acc5": null' in (root / "reports/metrics.json").read_text()
+    proc = run_report_stage(root)
+    assert proc.returncode == 0, proc.stderr
+    assert "| zero-shot top-5 (%) | – | – | – |" in (root / "reports/summary.md").read_text()
+
+
+def test_report_without_step_evaluations(tmp_path, metrics, masks):
+    """evaluate.steps false: metrics.json has no steps block; the report leaves the section and points out."""
+    del metrics["steps"]
+    md = summary_markdown(metrics, kept_units(masks))
+    assert "Pruning steps" not in md and "Dense vs pruned" in md
+    drawn = write_report(metrics, masks, ReportPaths(tmp_path / "reports"), dpi=40)
+    assert [p["name"] for p in drawn["points"]] == ["dense", "exported"]

@@ -126,6 +126,13 @@ def _get(metrics: dict | None, *keys):
     return metrics
 
 
+def _has(metrics: dict | None, *keys) -> bool:
+    """Whether the key path exists (its value may be null, e.g. acc5 of a set with fewer than 5 classes)."""
+    *parents, last = keys
+    parent = _get(metrics, *parents) if parents else metrics
+    return isinstance(parent, dict) and last in parent
+
+
 # (label, path in a model's metrics, formatter) of the dense-vs-pruned table
 _MODEL_ROWS = (
     ("zero-shot top-1 (%)", ("zeroshot", "acc1"), _pct),
@@ -158,10 +165,12 @@ def summary_markdown(metrics: dict, kept: dict[str, dict] | None) -> str:
         lines += ["No pruned model: dense metrics only.", ""]
 
     lines += ["## Dense vs pruned", "", "| metric | dense | pruned | pruned / dense |", "|---|---|---|---|"]
+    undefined_top5 = False
     for label, path, fmt in _MODEL_ROWS:
-        d, p = _get(dense, *path), _get(pruned, *path)
-        if d is None and p is None:
+        if not (_has(dense, *path) or _has(pruned, *path)):
             continue
+        d, p = _get(dense, *path), _get(pruned, *path)
+        undefined_top5 |= path == ("zeroshot", "acc5") and d is None and p is None
         lines.append(f"| {label} | {fmt(d)} | {fmt(p)} | {_ratio(p, d)} |")
     if pruned is not None:
         lines.append(f"| file size (MB, float32) | {_num(metrics.get('dense_file_mb'), '.2f')} | "
@@ -170,6 +179,9 @@ def summary_markdown(metrics: dict, kept: dict[str, dict] | None) -> str:
         lines.append(f"| latency ratio, measured interleaved (image / text) | 1 | "
                      f"{_num(ratios.get('image'))} / {_num(ratios.get('text'))} | |")
     lines.append("")
+    if undefined_top5:
+        lines += ["Top-5 is undefined with fewer than 5 classes (null in metrics.json; CLIP_benchmark reports "
+                  "NaN).", ""]
 
     steps = metrics.get("steps")
     if steps:
