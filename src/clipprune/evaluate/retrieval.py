@@ -10,7 +10,7 @@ Ties are broken deterministically: among equal scores the candidate with the low
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,19 +113,22 @@ def _iter_batches(dataset: Iterable, batch_size: int):
 
 @torch.no_grad()
 def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
-                       progress: bool = True) -> dict[str, float]:
+                       progress: bool = True, desc: str = "retrieval",
+                       encode_captions: Callable[[list[str]], torch.Tensor] | None = None) -> dict[str, float]:
     """Encode every image and all of its captions from ``dataset`` and return :func:`retrieval_metrics`.
 
     ``dataset`` yields ``(image, captions)``: an image tensor (3, H, W) already preprocessed or a PIL image
     (``model.preprocess`` is applied), and a list of caption strings; or batches ``(images (n, 3, H, W),
-    list of n caption lists)``.
+    list of n caption lists)``. ``encode_captions`` maps the list of all captions (dataset order) to their
+    embeddings (default: encode them with ``model``; an ``embeddings.TextEncoder`` may reuse them). ``desc``
+    labels the progress bars (``"<desc> images"``, ``"<desc> captions"``).
     """
     if batch_size < 1:
         raise ParamError(f"batch_size must be a positive integer, got {batch_size}")
     device = model_device(model)
     image_features, captions, owner = [], [], []
     n_images = 0
-    for images, caption_lists in tqdm(_iter_batches(dataset, batch_size), desc="retrieval images",
+    for images, caption_lists in tqdm(_iter_batches(dataset, batch_size), desc=f"{desc} images",
                                       disable=not progress, leave=False):
         if not isinstance(images, torch.Tensor):
             images = torch.stack([im if isinstance(im, torch.Tensor) else model.preprocess(im) for im in images])
@@ -138,5 +141,8 @@ def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64
             n_images += 1
     if not image_features:
         raise DataError("retrieval dataset yielded no images")
-    text_features = encode_texts(model, captions, batch_size, progress, "retrieval captions")
+    if encode_captions is None:
+        text_features = encode_texts(model, captions, batch_size, progress, f"{desc} captions")
+    else:
+        text_features = encode_captions(captions)
     return retrieval_metrics(torch.cat(image_features), text_features, owner, ks)
