@@ -1,18 +1,24 @@
-"""Stage evaluate: zero-shot classification, retrieval, GMACs/params and latency into reports/metrics.json."""
+"""Stage evaluate: the final model next to the cached dense baseline, into reports/metrics.json.
+
+The dense model's accuracy, complexity and text embeddings come from artifacts/eval/dense/ (stage
+evaluate_dense); here the final model (and, when distillation ran, the exported one before it) are
+evaluated, the per-step masks when ``evaluate.steps`` is on, and latency is measured pruned vs dense,
+interleaved.
+"""
 from pathlib import Path
 
 import torch
 
 from _common import run_stage
-from clipprune.data.evalsets import open_eval_dataset, parse_eval_datasets
-from clipprune.evaluate.suite import (accuracy_metrics, eval_data_from_params, evaluate_model, pruning_report,
-                                     summary_metrics)
-from clipprune.export import load_pruned
+from clipprune.data.evalsets import open_eval_dataset
+from clipprune.evaluate.dense import load_dense_evaluation
+from clipprune.evaluate.suite import dense_settings_from_params, evaluation_report, null_metric_notes, summary_metrics
 from clipprune.io import write_json
 from clipprune.models import load_model
-from clipprune.params import get, get_bool, get_int, get_str
+from clipprune.params import get_bool, get_int
 
 OUT = Path("reports/metrics.json")
+DENSE = Path("artifacts/eval/dense")            # evaluate_dense: the dense model's cached evaluation
 PRUNED = Path("artifacts/models/pruned")        # export: the pruned model before distillation
 FINAL = Path("artifacts/models/distilled")      # distill: the final model (the pruned one when disabled)
 SCORES = Path("artifacts/scores/scores.safetensors")
@@ -23,26 +29,30 @@ MASKS = {"search": Path("artifacts/masks/search.safetensors"),
 
 
 def main(params: dict) -> None:
-    seed = get_int(params, "seed", min_value=0)
-    batch_size = get_int(params, "evaluate.batch_size", min_value=1)
+    settings = dense_settings_from_params(params)
     latency = {
         "latency_batch": get_int(params, "evaluate.latency.batch_size", min_value=1),
         "latency_warmup": get_int(params, "evaluate.latency.warmup", min_value=0),
         "latency_repeats": get_int(params, "evaluate.latency.repeats", min_value=1),
     }
-    data = eval_data_from_params(params)
+    steps = get_bool(params, "evaluate.steps")
+    # the exported model differs from the final one only when distillation ran
+    distilled = get_bool(params, "distill.enabled", default=False)
     # extra sets (evaluate.datasets) are read and checked before any model runs, so bad paths fail fast
-    extra = [open_eval_dataset(spec) for spec in parse_eval_datasets(get(params, "evaluate.datasets", default=[]))]
-    torch.manual_seed(seed)
-    dense = load_model(get_str(params, "model"))
-    metrics = {"dense": evaluate_model(dense, data, batch_size=batch_size, seed=seed, datasets=extra, **latency)}
-    if FINAL.exists():
-        metrics.update(pruning_report(dense, metrics["dense"], FINAL, MASKS, TIMING, data,
-                                      batch_size=batch_size, seed=seed, datasets=extra, **latency))
-        if get_bool(params, "distill.enabled", default=False):  # the gain of distillation, side by side
-            metrics["pruned"]["before_distill"] = accuracy_metrics(load_pruned(PRUNED), data, batch_size=batch_size)
+    extra = [open_eval_dataset(spec) for spec in settings.datasets]
+    baseline = load_dense_evaluation(DENSE, settings.inputs())
+    torch.manual_seed(settings.seed)
+    dense = load_model(settings.model)
+    pruned = FINAL.exists()
+    metrics = evaluation_report(
+        dense, baseline, settings.data, final_dir=FINAL if pruned else None,
+        before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
+        timing_files=TIMING, batch_size=settings.batch_size, seed=settings.seed, datasets=extra,
+        log=lambda line: print(f"evaluate: {line}"), **latency)
     metrics["summary"] = summary_metrics(metrics, *_method_and_constraint())
     write_json(OUT, metrics)
+    for note in null_metric_notes({key: metrics[key] for key in ("pruned", "steps") if key in metrics}):
+        print(f"evaluate: {note}")
     line = f"evaluate: dense top-1 {_top1(metrics['dense'])}"
     if "before_distill" in metrics.get("pruned", {}):
         line += f", pruned top-1 {_top1(metrics['pruned']['before_distill'])} before distillation"

@@ -330,16 +330,17 @@ def test_calibrate_images_folder_missing(bad):
     mentions(bad.run("calibrate"), "digits/images/nope", "images directory not found")
 
 
-# ---------------------------------------------------------------- evaluate (subprocess)
+# ---------------------------------------------------------------- evaluate_dense, evaluate (subprocess)
+# The dense model is loaded and its data read by evaluate_dense; evaluate reads its output.
 
 def test_evaluate_unknown_model_prefix(bad):
     bad.set(model="torchhub:clip")
-    mentions(bad.run("evaluate"), "model name 'torchhub:clip' must start with one of", "fixture:", "hf:")
+    mentions(bad.run("evaluate_dense"), "model name 'torchhub:clip' must start with one of", "fixture:", "hf:")
 
 
 def test_evaluate_fixture_that_does_not_exist(bad):
     bad.set(model="fixture:no_such_fixture")
-    mentions(bad.run("evaluate"), "fixture:no_such_fixture", "not found", "CLIPPRUNE_FIXTURES")
+    mentions(bad.run("evaluate_dense"), "fixture:no_such_fixture", "not found", "CLIPPRUNE_FIXTURES")
 
 
 @pytest.mark.parametrize("model, how", [
@@ -349,7 +350,7 @@ def test_evaluate_fixture_that_does_not_exist(bad):
 def test_evaluate_remote_model_not_available_offline_fails_fast(bad, model, how):
     bad.set(model=model)
     start = time.perf_counter()
-    message = bad.run("evaluate")  # the environment sets HF_HUB_OFFLINE=1 and an empty HF_HOME
+    message = bad.run("evaluate_dense")  # the environment sets HF_HUB_OFFLINE=1 and an empty HF_HOME
     assert time.perf_counter() - start < 60, "an offline machine must not wait on the network"
     mentions(message, model, how)
 
@@ -357,7 +358,7 @@ def test_evaluate_remote_model_not_available_offline_fails_fast(bad, model, how)
 def test_evaluate_corrupt_png_in_classification_folder(bad):
     # sorts first in the first class folder, so the first batch reads it
     bad.plant(f"{DIGITS}/classification/val/zero/000000.png", b"\x89PNG\r\n\x1a\n this is not an image")
-    mentions(bad.run("evaluate"), "classification/val/zero/000000.png", "cannot read image")
+    mentions(bad.run("evaluate_dense"), "classification/val/zero/000000.png", "cannot read image")
 
 
 def test_evaluate_retrieval_image_missing(bad, repo):
@@ -365,18 +366,24 @@ def test_evaluate_retrieval_image_missing(bad, repo):
     first = min(val["images"], key=lambda image: image["id"])
     bad.move_away(f"{DIGITS}/images/val/{first['file_name']}")
     bad.set(data__layout__classification=None)  # straight to retrieval
-    mentions(bad.run("evaluate"), f"images/val/{first['file_name']}", "image file not found")
+    mentions(bad.run("evaluate_dense"), f"images/val/{first['file_name']}", "image file not found")
 
 
 def test_evaluate_classnames_malformed(bad):
     bad.plant(f"{RAW}/planted/classnames.json", '["zero", "one",')
     bad.set(data__layout__classnames="planted/classnames.json")
-    mentions(bad.run("evaluate"), "planted/classnames.json", "not valid JSON")
+    mentions(bad.run("evaluate_dense"), "planted/classnames.json", "not valid JSON")
 
 
-def test_evaluate_batch_size_zero(bad):
+@pytest.mark.parametrize("stage_name", ["evaluate_dense", "evaluate"])
+def test_evaluate_batch_size_zero(bad, stage_name):
     bad.set(evaluate__batch_size=0)
-    mentions(bad.run("evaluate"), "evaluate.batch_size must be >= 1, got 0")
+    mentions(bad.run(stage_name), "evaluate.batch_size must be >= 1, got 0")
+
+
+def test_evaluate_without_the_dense_evaluation(bad):
+    mentions(bad.run("evaluate"), "artifacts/eval/dense/metrics.json: dense evaluation not found",
+             "run the evaluate_dense stage first")
 
 
 # ---------------------------------------------------------------- params.yaml itself (subprocess)
@@ -418,7 +425,7 @@ def call_stage(repo, monkeypatch):
 @pytest.mark.parametrize("name", ["ABSOLUTE", "../outside", ".hidden", "digits\n", "a\\b", ""])
 def test_dataset_name_variants_are_refused_by_every_stage(call_stage, tmp_path, name):
     name = str(tmp_path / "absolute") if name == "ABSOLUTE" else name
-    for stage_name in ("download", "calibrate", "evaluate"):
+    for stage_name in ("download", "calibrate", "evaluate_dense", "evaluate"):
         mentions(call_stage(stage_name, data__name=name), "data.name must be")
     assert not (tmp_path / "absolute").exists()
 
@@ -466,10 +473,21 @@ def test_calibrate_captions_variants(call_stage, bad, content, expected):
     ({"evaluate__batch_size": "big"}, "evaluate.batch_size must be an integer"),
     ({"evaluate__retrieval_split": "test"}, "evaluate.retrieval_split must be one of train, val; got 'test'"),
     ({"evaluate__max_retrieval_images": 0}, "evaluate.max_retrieval_images must be >= 1, got 0"),
-    ({"evaluate__latency__repeats": 0}, "evaluate.latency.repeats must be >= 1, got 0"),
     ({"model": 42}, "model must be a non-empty string, got 42"),
     ({"model": "open_clip:ViT-B-32/no_such_tag"}, "'no_such_tag' is neither a pretrained tag of ViT-B-32"),
     ({"model": "open_clip:No-Such-Arch/openai"}, "unknown architecture 'No-Such-Arch'"),
+])
+def test_evaluate_dense_param_variants(call_stage, edits, expected):
+    mentions(call_stage("evaluate_dense", **edits), expected)
+
+
+@pytest.mark.parametrize("edits, expected", [
+    ({"evaluate__batch_size": "big"}, "evaluate.batch_size must be an integer"),
+    ({"evaluate__max_retrieval_images": 0}, "evaluate.max_retrieval_images must be >= 1, got 0"),
+    ({"evaluate__latency__repeats": 0}, "evaluate.latency.repeats must be >= 1, got 0"),
+    ({"evaluate__steps": "yes"}, "evaluate.steps must be true or false, got 'yes'"),
+    ({"evaluate__steps": _DELETE}, "evaluate.steps is required"),
+    ({"model": 42}, "model must be a non-empty string, got 42"),
 ])
 def test_evaluate_param_variants(call_stage, edits, expected):
     mentions(call_stage("evaluate", **edits), expected)
@@ -484,22 +502,22 @@ def test_evaluate_param_variants(call_stage, edits, expected):
 ])
 def test_evaluate_classification_file_variants(call_stage, bad, rel, content, expected):
     bad.plant(f"{RAW}/planted/{rel}.json", content)
-    mentions(call_stage("evaluate", **{f"data__layout__{rel}": f"planted/{rel}.json"}),
+    mentions(call_stage("evaluate_dense", **{f"data__layout__{rel}": f"planted/{rel}.json"}),
              f"planted/{rel}.json", expected)
 
 
 def test_evaluate_dangling_image_link_in_classification_folder(call_stage, bad, repo):
     bad.plant_link(f"{DIGITS}/classification/val/zero/000000.png", repo / "no_such_image.png")
-    mentions(call_stage("evaluate"), "classification/val/zero/000000.png", "image file not found")
+    mentions(call_stage("evaluate_dense"), "classification/val/zero/000000.png", "image file not found")
 
 
 def test_evaluate_classification_folder_missing(call_stage):
-    mentions(call_stage("evaluate", data__layout__classification="digits/classification/nope"),
+    mentions(call_stage("evaluate_dense", data__layout__classification="digits/classification/nope"),
              "digits/classification/nope", "image folder not found")
 
 
 def test_evaluate_pruned_model_with_inconsistent_config(call_stage, inconsistent_export):
-    mentions(call_stage("evaluate", model=f"pruned:{inconsistent_export}"),
+    mentions(call_stage("evaluate_dense", model=f"pruned:{inconsistent_export}"),
              str(inconsistent_export / "model.safetensors"), "weights do not match config.json")
 
 

@@ -1,11 +1,12 @@
 """Determinism: the whole pipeline, run twice in two separate copies with the same seed, gives the same bits.
 
-Two throwaway copies run every stage (download → evaluate, the stage scripts in order, as `dvc repro` would;
-the two chains run concurrently, so neither depends on running alone). Compared: calibration pairs, raw data,
-score tensors, search / rearranged / tuned masks, tune report and exported weights bit for bit; file
-metadata and metrics.json exactly, except wall-clock keys (latency_ms, latency_ratio, pruning_time_s and any
-key containing wall_time). Pruning params are the defaults but for 128 calibration pairs; evaluate is made
-cheaper (100 retrieval images, one latency repeat), which changes no pruning output.
+Two throwaway copies run every stage (download → evaluate_dense → evaluate, the stage scripts in order, as
+`dvc repro` would; the two chains run concurrently, so neither depends on running alone). Compared:
+calibration pairs, raw data, score tensors, search / rearranged / tuned masks, tune report, exported weights
+and the cached dense evaluation (metrics and text embeddings) bit for bit; file metadata and metrics.json
+exactly, except wall-clock keys (latency_ms, latency_ratio, pruning_time_s and any key containing
+wall_time). Pruning params are the defaults but for 128 calibration pairs; evaluate is made cheaper (100
+retrieval images, one latency repeat), which changes no pruning output.
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from pipeline_utils import copy_repo, stage
 
 pytestmark = pytest.mark.slow
 
-PIPELINE = ("download", "calibrate", "score", "search", "tune", "export", "distill", "evaluate")
+PIPELINE = ("download", "calibrate", "score", "search", "tune", "export", "distill", "evaluate_dense", "evaluate")
 SCORES = "artifacts/scores/scores.safetensors"
 MASKS = ("artifacts/masks/search.safetensors", "artifacts/masks/rearranged.safetensors",
          "artifacts/masks/tuned.safetensors")
 PRUNED = "artifacts/models/pruned"
 DISTILLED = "artifacts/models/distilled"
+DENSE_EVAL = "artifacts/eval/dense"
 NUM_SAMPLES = 128  # calibration pairs (4 score batches): enough for every stage to do real work, and quick
 TIMING_KEYS = {"latency_ms", "latency_ratio", "pruning_time_s"}
 
@@ -149,6 +151,13 @@ def test_distillation_changed_the_model(runs):
     pruned, _ = read_safetensors(a / PRUNED / "model.safetensors")
     distilled, _ = read_safetensors(a / DISTILLED / "model.safetensors")
     assert pruned.keys() == distilled.keys() and pruned != distilled
+
+
+def test_dense_evaluation_is_bit_identical(runs):
+    a, b = runs
+    digest = tree_digest(a / DENSE_EVAL)
+    assert set(digest) == {"metrics.json", "text_embeddings.safetensors"}
+    assert digest == tree_digest(b / DENSE_EVAL)
 
 
 def test_metrics_are_equal_except_timing(runs):

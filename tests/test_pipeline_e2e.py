@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import re
 
 import pytest
 import yaml
@@ -14,8 +15,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    dvc(repo, "repro")
+    (repo.parent / "repro.log").write_text(dvc(repo, "repro").stdout)
     return repo
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def test_repro_writes_metrics_with_high_dense_accuracy(reproduced):
@@ -25,6 +30,11 @@ def test_repro_writes_metrics_with_high_dense_accuracy(reproduced):
     assert 0 < dense["retrieval"]["image_retrieval_recall@1"] <= dense["retrieval"]["image_retrieval_recall@10"]
     assert dense["complexity"]["vision_prunable_gmacs"] > 0
     assert dense["latency_ms"]["image_batch"] > 0
+    assert 0 < dense["zeroshot"]["acc5"] <= 1  # 10 classes: top-5 is defined
+    # the cached dense evaluation is what metrics.json shows (latency is measured next to the pruned model)
+    cached = json.loads((reproduced / "artifacts/eval/dense/metrics.json").read_text())
+    assert {key: value for key, value in dense.items() if key != "latency_ms"} == cached["metrics"]
+    assert metrics["dense_file_mb"] == cached["file_mb"]
     calibration = json.loads((reproduced / "data/prepared/calibration.json").read_text())
     params = yaml.safe_load((reproduced / "params.yaml").read_text())
     assert len(calibration["pairs"]) == params["calibrate"]["num_samples"]
@@ -47,6 +57,14 @@ def test_repro_prunes_to_the_budget_and_exports_a_smaller_model(reproduced):
     assert metrics["summary"]["top1_before_distill"] == pytest.approx(100 * before["zeroshot"]["acc1"])
 
 
+def test_evaluate_reuses_the_dense_text_embeddings(reproduced):
+    log = (reproduced.parent / "repro.log").read_text()
+    assert {"evaluate_dense", "evaluate"} <= stages_run(log)
+    for model in ("final model", "exported model", "search masks", "rearranged masks", "tuned masks"):
+        assert re.search(rf"evaluate: {model}: text tower unchanged \(fingerprint [0-9a-f]{{12}}\): reusing the "
+                         rf"dense model's class and caption embeddings", log), model
+
+
 def test_second_repro_runs_nothing(reproduced):
     status = dvc(reproduced, "status")
     assert "changed" not in status.stdout and "modified" not in status.stdout, status.stdout
@@ -54,11 +72,43 @@ def test_second_repro_runs_nothing(reproduced):
     assert "Running stage" not in again.stdout, again.stdout
 
 
+def test_a_sweep_over_constraints_or_criteria_does_not_touch_the_dense_evaluation(reproduced):
+    params_path = reproduced / "params.yaml"
+    original = params_path.read_text()
+    try:
+        for section, key, value in (("search", "constraint", 0.4), ("score", "criterion", "magnitude"),
+                                    ("search", "method", "uniform"), ("evaluate", "steps", False),
+                                    ("evaluate", "latency", {"batch_size": 8, "warmup": 1, "repeats": 2})):
+            params = yaml.safe_load(original)
+            params[section][key] = value
+            params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+            status = json.loads(dvc(reproduced, "status", "--json").stdout)
+            dry = stages_run(dvc(reproduced, "repro", "--dry").stdout)
+            assert "evaluate_dense" not in status and "evaluate_dense" not in dry, (key, status, dry)
+            assert status and dry, key  # the control: the edit is seen
+        # the control: what the dense evaluation depends on reruns it
+        params = yaml.safe_load(original)
+        params["evaluate"]["batch_size"] = 64
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "evaluate_dense" in json.loads(dvc(reproduced, "status", "--json").stdout)
+    finally:
+        params_path.write_text(original)
+    assert json.loads(dvc(reproduced, "status", "--json").stdout) == {}
+
+
 def test_experiment_with_changed_param_shows_in_exp_show(reproduced):
-    dvc(reproduced, "exp", "run", "-n", "cal256", "-S", "calibrate.num_samples=256")
+    before = json.loads((reproduced / "reports/metrics.json").read_text())
+    run = dvc(reproduced, "exp", "run", "-n", "c04", "-S", "search.constraint=0.4")
+    assert "search" in stages_run(run.stdout) and "evaluate_dense" not in stages_run(run.stdout), run.stdout
     table = list(csv.DictReader(io.StringIO(dvc(reproduced, "exp", "show", "--csv").stdout)))
-    row = next(r for r in table if r.get("Experiment") == "cal256")
-    assert row["calibrate.num_samples"] == "256"
+    row = next(r for r in table if r.get("Experiment") == "c04")
+    assert row["search.constraint"] == "0.4"
+    assert float(row["pruned.kept_mac_fraction"]) <= 0.4 + 1e-6 and float(row["summary.constraint"]) == 0.4
+    # the workspace holds the experiment's results: its dense figures are the cached ones (latency aside)
+    after = json.loads((reproduced / "reports/metrics.json").read_text())
+    assert after["summary"]["constraint"] == 0.4
+    assert ({k: v for k, v in after["dense"].items() if k != "latency_ms"}
+            == {k: v for k, v in before["dense"].items() if k != "latency_ms"})
     # the experiment carries its own metrics (metrics.json is git-tracked, not DVC-cached)
     for column in ("dense.zeroshot.acc1", "pruned.zeroshot.acc1", "pruned.kept_mac_fraction",
                    "pruned.latency_ratio.image", "pruning_time_s.total", "summary.top1", "summary.mac_pct"):
