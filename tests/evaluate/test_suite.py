@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipprune.evaluate import embeddings as embeddings_module
-from clipprune.evaluate.suite import (EvalData, accuracy_metrics, evaluate_dense, evaluate_masked, evaluation_report,
+from clipprune.evaluate.suite import (EvalData, accuracy_metrics, compare_latency, evaluate_dense, evaluate_masked, evaluation_report,
                                       model_metrics, null_metric_notes)
 from clipprune.export import export_pruned, load_pruned
 from clipprune.models import full_masks, load_model, save_masks
@@ -87,8 +87,10 @@ def test_report_reuses_the_dense_text_and_equals_a_fresh_evaluation(dense, data,
                                before_distill_dir=pipeline["pruned"], mask_files=pipeline["files"], steps=True,
                                batch_size=BATCH, progress=False, log=lines.append, **LATENCY)
     assert encoded == []  # no text was encoded: every model here has the dense text tower
-    assert len(lines) == 4 and all("text tower unchanged" in line and "reusing" in line for line in lines)
-    assert [line.split(":")[0] for line in lines] == ["final model", "exported model", "search masks", "tuned masks"]
+    reuse = [line for line in lines if "reusing" in line]
+    assert len(reuse) == 4 and all("text tower unchanged" in line for line in reuse)
+    assert [line.split(":")[0] for line in reuse] == ["final model", "exported model", "search masks", "tuned masks"]
+    assert "final model: text tower unchanged: its text latency is the dense one's (ratio 1), timed once" in lines
     monkeypatch.undo()
 
     fresh = model_metrics(load_pruned(pipeline["pruned"]), data, batch_size=BATCH, progress=False)  # encodes
@@ -101,6 +103,8 @@ def test_report_reuses_the_dense_text_and_equals_a_fresh_evaluation(dense, data,
     assert report["dense"] == {**baseline.metrics, "latency_ms": report["dense"]["latency_ms"]}
     assert set(report["dense"]["latency_ms"]) == set(pruned["latency_ms"]) == {"image_batch", "text_batch"}
     assert set(pruned["latency_ratio"]) == {"image", "text"} and pruned["latency_ratio"]["image"] > 0
+    assert pruned["latency_ratio"]["text"] == 1.0  # the same text tower: timed once
+    assert pruned["latency_ms"]["text_batch"] == report["dense"]["latency_ms"]["text_batch"] > 0
     assert report["dense_file_mb"] == baseline.file_mb > pruned["file_mb"]
     expected = fresh["complexity"]["vision_prunable_gmacs"] / baseline.metrics["complexity"]["vision_prunable_gmacs"]
     assert pruned["kept_mac_fraction"] == pytest.approx(expected) and 0.2 < expected < 0.8
@@ -144,3 +148,14 @@ def test_null_metric_notes_name_each_undefined_top_k():
     assert null_metric_notes(metrics) == [
         "dense.datasets.cars3.zeroshot.acc5 is null: top-5 is undefined with fewer than 5 classes "
         "(CLIP_benchmark 1.6.2 reports NaN)"]
+
+
+def test_latency_of_another_text_tower_is_measured_interleaved(dense):
+    other = dense.copy()
+    with torch.no_grad():
+        other.towers["text"].mlp_out_module(0).weight.mul_(0.5)
+    timed = compare_latency(other, dense, batch_size=2, warmup=0, repeats=3, seed=0, same_text_tower=False)
+    assert timed["ratio"]["text"] != 1.0 or timed["pruned_ms"]["text_batch"] != timed["dense_ms"]["text_batch"]
+    assert all(timed[key][kind] > 0 for key in ("pruned_ms", "dense_ms") for kind in ("image_batch", "text_batch"))
+    once = compare_latency(other, dense, batch_size=2, warmup=0, repeats=3, seed=0, same_text_tower=True)
+    assert once["ratio"]["text"] == 1.0 and once["pruned_ms"]["text_batch"] == once["dense_ms"]["text_batch"]
