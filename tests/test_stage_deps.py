@@ -166,8 +166,9 @@ for script in scripts:
     if pid == 0:
         os.close(read)
         runpy.run_path(os.path.join(repo, script), run_name="stage_deps_probe")  # module level; main() not run
+        project = tuple(os.path.join(repo, top) + os.sep for top in ("stages", "src"))  # not .venv/ inside it
         files = sorted(os.path.relpath(m.__file__, repo) for m in list(sys.modules.values())
-                       if (getattr(m, "__file__", None) or "").startswith(repo + os.sep))
+                       if (getattr(m, "__file__", None) or "").startswith(project))
         os.write(write, json.dumps(files).encode())
         os._exit(0)
     os.close(write)
