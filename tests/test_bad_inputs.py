@@ -132,8 +132,7 @@ class BadCase:
         environment["HF_HOME"] = str(self.hf_home)  # an empty cache: no weights can be found by accident
         for cache in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
             environment.pop(cache, None)
-        proc = subprocess.run([sys.executable, f"stages/{stage_name}.py"], cwd=self.repo, capture_output=True,
-                              text=True, env=environment, timeout=300)
+        proc = stage(self.repo, stage_name, environment=environment, timeout=300)
         after = tree_state(self.repo)
         shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
         assert proc.returncode == 1, shown
@@ -165,13 +164,19 @@ def repo(tmp_path_factory):
     assert sizes == {k: v[:1] for k, v in pristine.items()}
 
 
+@pytest.fixture(scope="module")
+def empty_hf_home(tmp_path_factory):
+    """One empty HF cache for every case (one zygote environment: see pipeline_utils.run_script)."""
+    return tmp_path_factory.mktemp("hf_home")
+
+
 @pytest.fixture
-def bad(repo, tmp_path):
-    hf_home = tmp_path / "hf_home"
-    hf_home.mkdir()
-    case = BadCase(repo, hf_home)
+def bad(repo, empty_hf_home):
+    case = BadCase(repo, empty_hf_home)
     yield case
     case.restore()
+    left = [p for p in empty_hf_home.rglob("*") if p.is_file()]
+    assert not left, f"a case wrote into the empty HF cache: {left[:5]}"
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
