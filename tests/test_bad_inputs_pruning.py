@@ -24,7 +24,7 @@ from clipprune.params import load_params
 from clipprune.tuning import TuningWarning
 from pipeline_utils import copy_repo
 # the shared bad-input machinery; `bad` and `call_stage` are fixtures that use this module's `repo`
-from test_bad_inputs import (BadCase, bad, call_stage, mentions, tree_state)  # noqa: F401
+from test_bad_inputs import (BadCase, bad, call_stage, empty_hf_home, mentions, tree_state)  # noqa: F401
 
 SCORES = "artifacts/scores/scores.safetensors"
 SEARCHED = "artifacts/masks/search.safetensors"
