@@ -12,7 +12,8 @@ from typing import Callable
 
 from clipprune.errors import ClipPruneError
 from clipprune.model_files import check_model_files
-from clipprune.params import get_str, load_params
+from clipprune.config import parse_params
+from clipprune.params import load_params
 
 DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 MODEL_FILES_DEP = "${model_files}"
@@ -48,7 +49,8 @@ def check_stage_model(name: str, params: dict) -> None:
     Otherwise DVC would hash one folder while the stage reads another, and new weights would rerun nothing.
     """
     if declares_model_files(name):
-        check_model_files(get_str(params, "model"), get_str(params, "model_files"))
+        parsed = parse_params(params, need=("model", "model_files"))
+        check_model_files(parsed.model, parsed.model_files)
 
 
 def run_stage(name: str, main: Callable[[dict], None], params_path: str = "params.yaml") -> None:

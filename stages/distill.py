@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 
 from _common import run_stage
-from clipprune.data.sources import check_dataset_name
-from clipprune.distill import (DistillPaths, check_resumable, launch, parse_distill_params, passthrough, run_distill,
+from clipprune.config import parse_params
+from clipprune.distill import (DistillPaths, check_resumable, distill_config, launch, passthrough, run_distill,
                                under_torchrun, write_disabled_logs)
 from clipprune.distill.live import LiveLogger
 from clipprune.errors import ClipPruneError
 from clipprune.io import write_json
-from clipprune.params import get_str
 
 PRUNED = Path("artifacts/models/pruned")
 OUT = Path("artifacts/models/distilled")
@@ -24,12 +23,11 @@ TIMING = Path("reports/timing/distill.json")
 
 
 def main(params: dict) -> None:
-    config = parse_distill_params(params)
-    teacher = get_str(params, "model")
-    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
+    p = parse_params(params, need=("seed", "model", "data", "distill"))
+    config = distill_config(p.distill, p.seed)
+    teacher = p.model
     paths = DistillPaths(pruned=PRUNED, out=OUT, logs=LOGS, checkpoint=CHECKPOINT,
-                         train_images=root / get_str(params, "data.layout.train_images"),
-                         train_captions=root / get_str(params, "data.layout.train_captions"))
+                         train_images=p.data.path("train_images"), train_captions=p.data.path("train_captions"))
     start = time.perf_counter()
     if not config.enabled:
         passthrough(PRUNED, OUT)

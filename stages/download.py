@@ -1,15 +1,13 @@
 """Stage download: fetch and verify the dataset archives named in params `data`, extract to data/raw/<name>/."""
-from pathlib import Path
-
 from _common import run_stage
-from clipprune.data.sources import check_dataset_name, download_dataset
-from clipprune.params import get, get_str
+from clipprune.config import parse_params
+from clipprune.data.sources import download_dataset
 
 
 def main(params: dict) -> None:
-    name = check_dataset_name(get_str(params, "data.name"))
-    target = download_dataset(get(params, "data.archives"), Path("data/raw") / name)
-    print(f"download: extracted {name} into {target}")
+    data = parse_params(params, need=("data",)).data
+    target = download_dataset(data.archives, data.root)
+    print(f"download: extracted {data.name} into {target}")
 
 
 if __name__ == "__main__":

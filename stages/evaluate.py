@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from _common import run_stage
+from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import load_dense_evaluation
 from clipprune.evaluate.suite import dense_settings_from_params, evaluation_report, null_metric_notes, summary_metrics
 from clipprune.io import write_json
 from clipprune.models import load_model
-from clipprune.params import get_bool, get_int
 
 OUT = Path("reports/metrics.json")
 DENSE = Path("artifacts/eval/dense")            # evaluate_dense: the dense model's cached evaluation
@@ -29,15 +29,13 @@ MASKS = {"search": Path("artifacts/masks/search.safetensors"),
 
 
 def main(params: dict) -> None:
-    settings = dense_settings_from_params(params)
-    latency = {
-        "latency_batch": get_int(params, "evaluate.latency.batch_size", min_value=1),
-        "latency_warmup": get_int(params, "evaluate.latency.warmup", min_value=0),
-        "latency_repeats": get_int(params, "evaluate.latency.repeats", min_value=1),
-    }
-    steps = get_bool(params, "evaluate.steps")
-    # the exported model differs from the final one only when distillation ran
-    distilled = get_bool(params, "distill.enabled", default=False)
+    p = parse_params(params, need=("seed", "model", "data", "evaluate"))
+    settings = dense_settings_from_params(p)
+    latency = {"latency_batch": p.evaluate.latency.batch_size, "latency_warmup": p.evaluate.latency.warmup,
+               "latency_repeats": p.evaluate.latency.repeats}
+    steps = p.evaluate.steps
+    # the exported model differs from the final one only when distillation ran (no distill section: none)
+    distilled = p.distill is not None and p.distill.enabled
     # extra sets (evaluate.datasets) are read and checked before any model runs, so bad paths fail fast
     extra = [open_eval_dataset(spec) for spec in settings.datasets]
     baseline = load_dense_evaluation(DENSE, settings.inputs())

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from _common import run_stage
+from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import save_dense_evaluation
 from clipprune.evaluate.suite import dense_settings_from_params, evaluate_dense, null_metric_notes
@@ -19,7 +20,7 @@ OUT = Path("artifacts/eval/dense")
 
 
 def main(params: dict) -> None:
-    settings = dense_settings_from_params(params)
+    settings = dense_settings_from_params(parse_params(params, need=("seed", "model", "data", "evaluate")))
     # extra sets (evaluate.datasets) are read and checked before the model runs, so bad paths fail fast
     extra = [open_eval_dataset(spec) for spec in settings.datasets]
     torch.manual_seed(settings.seed)

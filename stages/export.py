@@ -3,17 +3,17 @@ import time
 from pathlib import Path
 
 from _common import run_stage
+from clipprune.config import parse_params
 from clipprune.export import export_pruned
 from clipprune.models import load_model
 from clipprune.models.masks import load_masks, validate_masks
-from clipprune.params import get_str
 
 MASKS = Path("artifacts/masks/tuned.safetensors")
 OUT = Path("artifacts/models/pruned")
 
 
 def main(params: dict) -> None:
-    model = load_model(get_str(params, "model"))
+    model = load_model(parse_params(params, need=("model",)).model)
     masks = load_masks(MASKS)
     validate_masks(model, masks, str(MASKS))  # a mismatch names the file, not an internal variable
     start = time.perf_counter()

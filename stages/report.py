@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from _common import run_stage
+from clipprune.config import parse_params
 from clipprune.models.masks import load_masks
-from clipprune.params import get_int
 from clipprune.report import ReportPaths, load_metrics, write_report
 
 METRICS = Path("reports/metrics.json")
@@ -11,7 +11,7 @@ MASKS = (Path("artifacts/masks/tuned.safetensors"), Path("artifacts/masks/search
 
 
 def main(params: dict) -> None:
-    dpi = get_int(params, "report.dpi", min_value=30, default=100)
+    dpi = parse_params(params).report.dpi  # the section is optional: its defaults
     metrics = load_metrics(METRICS)
     mask_file = next((path for path in MASKS if path.is_file()), None) if "pruned" in metrics else None
     masks = load_masks(mask_file) if mask_file is not None else None

@@ -8,15 +8,13 @@ import time
 from pathlib import Path
 
 from _common import run_stage
-from clipprune.data.sources import check_dataset_name
-from clipprune.errors import MaskError, ParamError
+from clipprune.config import parse_params
+from clipprune.errors import MaskError
 from clipprune.io import write_json
 from clipprune.models import load_model
 from clipprune.models.masks import full_masks, save_masks
-from clipprune.params import get, get_float, get_int, get_str
 from clipprune.scoring import load_scores
-from clipprune.search import (available_searches, check_constraint, check_metric, check_scores, get_search,
-                              mask_summary)
+from clipprune.search import available_searches, check_scores, get_search, mask_summary
 from clipprune.search.adaptive import holdout_loader, plot_trace
 
 SCORES = Path("artifacts/scores/scores.safetensors")
@@ -28,25 +26,17 @@ TIMING = Path("reports/timing/search.json")
 
 
 def main(params: dict) -> None:
-    method = get_str(params, "search.method", choices=available_searches())
-    metric = check_metric(get(params, "search.metric"))
-    constraint = check_constraint(get(params, "search.constraint"))
-    options = get(params, "search.options", default=None) or {}
-    if not isinstance(options, dict):
-        raise ParamError(f"search.options must be a mapping of option names to values, got {options!r}")
+    p = parse_params(params, need=("seed", "model", "data", "search"),
+                     choices={"search.method": available_searches()})
+    method, metric, constraint, options = p.search.method, p.search.metric, p.search.constraint, p.search.options
     search = get_search(method)
     scores = load_scores(SCORES)
-    model = load_model(get_str(params, "model"))
+    model = load_model(p.model)
     context, trace, extra = {}, {"method": method, "layers": []}, {}
     if search.needs_model:
-        if "loss_inc_thresh" in options:
-            raise ParamError("search.options.loss_inc_thresh is not an option: set search.loss_inc_thresh")
-        extra["loss_inc_thresh"] = get_float(params, "search.loss_inc_thresh", low=0)
-        root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
-        holdout = holdout_loader(root / get_str(params, "data.layout.train_images"),
-                                 root / get_str(params, "data.layout.train_captions"), CALIBRATION,
-                                 model.preprocess, get_int(params, "search.holdout_samples", min_value=2),
-                                 get_int(params, "seed", min_value=0))
+        extra["loss_inc_thresh"] = p.search.loss_inc_thresh
+        holdout = holdout_loader(p.data.path("train_images"), p.data.path("train_captions"), CALIBRATION,
+                                 model.preprocess, p.search.holdout_samples, p.seed)
         context = {"model": model, "holdout": holdout, "report": trace}
         print(f"search: method {method} does not use search.constraint ({constraint}); the kept widths follow "
               f"search.loss_inc_thresh={extra['loss_inc_thresh']}")

@@ -9,12 +9,11 @@ from pathlib import Path
 
 
 from _common import run_stage
-from clipprune.data.sources import check_dataset_name
+from clipprune.config import parse_params
 from clipprune.io import save_safetensors, write_json
 from clipprune.models import load_model
-from clipprune.params import get, get_int, get_str
-from clipprune.scoring import calibration_loader
-from clipprune.sparsity import available_methods, get_method, parse_config, sparsify, target_name
+from clipprune.scoring import available_losses, calibration_loader
+from clipprune.sparsity import available_methods, get_method, sparsify, sparsity_config, target_name
 from clipprune.sparsity.export import compact_tensors
 
 CALIBRATION = Path("data/prepared/calibration.json")
@@ -23,15 +22,13 @@ TIMING = Path("reports/timing/sparse_prune.json")
 
 
 def main(params: dict) -> None:
-    model_name = get_str(params, "model")
-    seed = get_int(params, "seed", min_value=0)
-    config = parse_config(get(params, "sparsity"), available_methods())
+    p = parse_params(params, need=("seed", "model", "data", "sparsity"),
+                     choices={"sparsity.method": available_methods(), "sparsity.loss": available_losses()})
+    model_name, seed, config = p.model, p.seed, sparsity_config(p.sparsity)
     model = load_model(model_name)
     loader = None
     if get_method(config.method).needs_data:
-        root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
-        loader = calibration_loader(root / get_str(params, "data.layout.train_images"),
-                                    root / get_str(params, "data.layout.train_captions"), CALIBRATION,
+        loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"), CALIBRATION,
                                     model.preprocess, config.batch_size)
     result = sparsify(model, config, loader, seed=seed)
     meta = dict(result.meta)

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 
 from _common import run_stage
+from clipprune.config import parse_params
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.evaluate.complexity import file_size_bytes
 from clipprune.evaluate.suite import accuracy_metrics, eval_data_from_params
 from clipprune.io import write_json
 from clipprune.models import load_model
-from clipprune.params import get, get_int, get_str
-from clipprune.sparsity import (apply_weights, available_methods, check_target, load_sparse, parse_config,
-                                save_sparse, sparsity_stats, target_name)
+from clipprune.scoring import available_losses
+from clipprune.sparsity import (apply_weights, available_methods, check_target, load_sparse, save_sparse,
+                                sparsity_config, sparsity_stats, target_name)
 from clipprune.sparsity.export import check_same_model, dense_size_bytes, read_target
 
 PRUNED = Path("artifacts/sparse/pruned.safetensors")
@@ -32,17 +33,19 @@ def main(params: dict) -> None:
         target = check_target(float(sys.argv[1]), "sparsify target")
     except ValueError:
         raise ParamError(f"sparsify target must be a number in (0, 1), got {sys.argv[1]!r}") from None
-    config = parse_config(get(params, "sparsity"), available_methods())
+    p = parse_params(params, need=("seed", "model", "data", "sparsity", "evaluate"),
+                     choices={"sparsity.method": available_methods(), "sparsity.loss": available_losses()})
+    config = sparsity_config(p.sparsity)
     if target not in config.targets:
         raise ParamError(f"sparsify target {target} is not in sparsity.targets {list(config.targets)}")
     name = target_name(target)
     weights, meta = read_target(PRUNED, name)
-    model_name = get_str(params, "model")
+    model_name = p.model
     if meta.get("model") != model_name or meta.get("config") != config.as_dict():
         raise ClipPruneError(f"{PRUNED}: written for other params (model or sparsity); rerun sparse_prune")
-    data = eval_data_from_params(params)
-    batch_size = get_int(params, "evaluate.batch_size", min_value=1)
-    torch.manual_seed(get_int(params, "seed", min_value=0))
+    data = eval_data_from_params(p)
+    batch_size = p.evaluate.batch_size
+    torch.manual_seed(p.seed)
     model = load_model(model_name)
     dense_metrics = accuracy_metrics(model, data, batch_size=batch_size)
     dense_bytes = dense_size_bytes(model)

@@ -4,12 +4,11 @@ import time
 from pathlib import Path
 
 from _common import run_stage
-from clipprune.data.sources import check_dataset_name
+from clipprune.config import parse_params
 from clipprune.errors import MaskError
 from clipprune.io import write_json
 from clipprune.models import load_model
 from clipprune.models.masks import load_masks, save_masks, validate_masks
-from clipprune.params import get_bool, get_float, get_int, get_str
 from clipprune.scoring import calibration_loader, load_scores
 from clipprune.tuning import rearrange_masks, tune_masks
 
@@ -23,14 +22,11 @@ TIMING = Path("reports/timing/tune.json")
 
 
 def main(params: dict) -> None:
-    rearrange = get_bool(params, "tune.rearrange")
-    lsq = get_bool(params, "tune.lsq")
-    damp = get_float(params, "tune.damp", low=0)
-    max_scale = get_float(params, "tune.max_scale", low=0, low_open=True)
-    batch_size = get_int(params, "tune.batch_size", min_value=1)
-    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
+    p = parse_params(params, need=("model", "data", "tune"))
+    rearrange, lsq, damp, max_scale = p.tune.rearrange, p.tune.lsq, p.tune.damp, p.tune.max_scale
+    batch_size = p.tune.batch_size
     masks, search_meta = load_masks(SEARCHED, with_metadata=True)
-    model = load_model(get_str(params, "model"))
+    model = load_model(p.model)
     validate_masks(model, masks, str(SEARCHED))  # a mismatch names the file, not an internal variable
     report = {"rearrange": [], "lsq": {}}
 
@@ -50,8 +46,7 @@ def main(params: dict) -> None:
     rearrange_time = time.perf_counter() - start
     rearranged = masks
     if lsq:
-        loader = calibration_loader(root / get_str(params, "data.layout.train_images"),
-                                    root / get_str(params, "data.layout.train_captions"),
+        loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"),
                                     CALIBRATION, model.preprocess, batch_size)
         masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
                                           batch_size=batch_size, progress=True)

@@ -61,8 +61,8 @@ def test_parse_resolves_paths_and_defaults(evalroot):
      r"\[0\]\.annotation is required for type flickr30k_karpathy"),
     (lambda e: [{k: v for k, v in e[0].items() if k != "templates"}], r"\[0\]\.templates is required"),
     (lambda e: [dict(e[0], root="")], r"\[0\]\.root must be a non-empty path string"),
-    (lambda e: [dict(e[0], max_images=0)], r"\[0\]\.max_images must be a positive integer or null, got 0"),
-    (lambda e: [dict(e[0], max_images=True)], r"\[0\]\.max_images must be a positive integer"),
+    (lambda e: [dict(e[0], max_images=0)], r"\[0\]\.max_images must be an integer in \[1, 10000000\] or null, got 0"),
+    (lambda e: [dict(e[0], max_images=True)], r"\[0\]\.max_images must be an integer in \[1, 10000000\]"),
     (lambda e: [dict(e[0], folders="wnids")], r"\[0\]\.folders must be one of sorted, classnames; got 'wnids'"),
     (lambda e: [dict(e[0], key=3)], r"\[0\]\.key must be a non-empty string"),
 ])

@@ -91,10 +91,3 @@ def test_l1_norm_option_sums_absolute_weights():
     fc1, fc2 = block.mlp.c_fc.weight.detach(), block.mlp.c_proj.weight.detach()
     expected_neuron = float(fc1[3].abs().sum() + fc2[:, 3].abs().sum())
     assert result.scores["vision.neuron"][0, 3].item() == pytest.approx(expected_neuron, rel=1e-5)
-
-
-def test_unknown_norm_is_a_named_error():
-    from clipprune.errors import ParamError
-    model = OpenClipModel(random_open_clip_module(seed=4), "test:open_clip", open_clip_config())
-    with pytest.raises(ParamError, match=r"^score\.options\.norm must be one of l2, l1; got 'l3'$"):
-        get_criterion("magnitude")(model, None, towers="vision", norm="l3")

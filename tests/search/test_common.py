@@ -85,7 +85,7 @@ def test_mask_summary_missing_kind_is_dense_and_padding_checked():
         mask_summary({"vision.head": head}, padded_views)
     head[1, 2:] = 0
     assert mask_summary({"vision.head": head}, padded_views)["towers"]["vision"]["heads"] == [4, 2, 4]
-    with pytest.raises(ParamError, match="search.metric"):
+    with pytest.raises(ParamError, match="metric must be one of 'mac', 'params'"):  # flops' own dispatch
         mask_summary(masks, TWO_TOWERS, "flops")
 
 

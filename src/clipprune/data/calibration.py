@@ -30,10 +30,6 @@ def sample_calibration_pairs(dataset: CocoCaptions, num_samples: int, seed: int)
     image, until enough pairs are drawn: no image gets a second caption before every image has one.
     Uses its own numpy Generator (no global random state).
     """
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ParamError(f"calibrate.num_samples must be a positive integer, got {num_samples!r}")
-    if not _is_int(seed):
-        raise ParamError(f"seed must be an integer, got {seed!r}")
     available = {i: dataset.annotation_ids(i) for i in dataset.image_ids}
     available = {i: anns for i, anns in available.items() if anns}
     total = sum(len(a) for a in available.values())

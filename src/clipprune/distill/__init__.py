@@ -1,7 +1,7 @@
 """Knowledge distillation (AMP) and adaptive retraining (LFPR) of a pruned CLIP, torchrun-DDP capable."""
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import (DEFAULT_RETRAIN_SCHEDULE, DistillConfig, RetrainRow, lr_at, parse_distill_params,
-                     parse_schedule, retrain_row, scaled_lr)
+from .config import (DEFAULT_RETRAIN_SCHEDULE, DistillConfig, RetrainRow, distill_config, lr_at,
+                     parse_distill_params, parse_schedule, retrain_row, scaled_lr)
 from .data import TrainImages, epoch_plan, select_images, shard
 from .distributed import DistContext, init_distributed, launch, under_torchrun
 from .features import keep_ratio, vision_tokens
@@ -11,7 +11,7 @@ from .train import TrainingPlan, TrainResult, plan_training, train
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint",
-    "DEFAULT_RETRAIN_SCHEDULE", "DistillConfig", "RetrainRow", "lr_at", "parse_distill_params", "parse_schedule",
+    "DEFAULT_RETRAIN_SCHEDULE", "DistillConfig", "RetrainRow", "distill_config", "lr_at", "parse_distill_params", "parse_schedule",
     "retrain_row", "scaled_lr",
     "TrainImages", "epoch_plan", "select_images", "shard",
     "DistContext", "init_distributed", "launch", "under_torchrun",

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ..config import check_warmup
 from ..errors import ParamError
 from ..models.base import ClipModel
 from ..models.masks import apply_masks, full_masks
@@ -114,6 +115,7 @@ def train(student: ClipModel, teacher: ClipModel, data: TrainImages, config: Dis
     if steps < 1:
         raise ParamError(f"distill.batch_size must be <= the {len(data)} training images, got {config.batch_size}")
     total_steps = steps * config.epochs
+    check_warmup(config.warmup_steps, total_steps, steps, config.epochs)  # before any training step
     torch.manual_seed(config.seed)
 
     teacher.module.eval().requires_grad_(False)

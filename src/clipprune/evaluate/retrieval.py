@@ -123,8 +123,6 @@ def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64
     embeddings (default: encode them with ``model``; an ``embeddings.TextEncoder`` may reuse them). ``desc``
     labels the progress bars (``"<desc> images"``, ``"<desc> captions"``).
     """
-    if batch_size < 1:
-        raise ParamError(f"batch_size must be a positive integer, got {batch_size}")
     device = model_device(model)
     image_features, captions, owner = [], [], []
     n_images = 0

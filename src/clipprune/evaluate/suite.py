@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..config import Params
 from ..data.coco import CocoCaptions, collate_image_captions
 from ..data.evalsets import EvalDataset, EvalDatasetSpec
 from ..data.imagefolder import ImageFolderClassification, load_classnames, load_templates
@@ -37,24 +38,17 @@ class EvalData:
     max_retrieval_images: int | None = None
 
 
-def eval_data_from_params(params: dict) -> EvalData:
+def eval_data_from_params(params: Params) -> EvalData:
     """The evaluation splits that params.yaml names (``data.*`` and ``evaluate.*``), paths under data/raw/."""
-    from ..data.sources import check_dataset_name
-    from ..params import get, get_int, get_str
-
-    root = Path("data/raw") / check_dataset_name(get_str(params, "data.name"))
-    split = get_str(params, "evaluate.retrieval_split", choices=["train", "val"])
-    classification = get(params, "data.layout.classification", default=None)
-    max_images = get(params, "evaluate.max_retrieval_images", default=None)
-    if max_images is not None:
-        max_images = get_int(params, "evaluate.max_retrieval_images", min_value=1)
+    data, split = params.data, params.evaluate.retrieval_split
+    classification = data.layout.classification is not None
     return EvalData(
-        retrieval_images=root / get_str(params, f"data.layout.{split}_images"),
-        retrieval_captions=root / get_str(params, f"data.layout.{split}_captions"),
-        classification=None if classification is None else root / get_str(params, "data.layout.classification"),
-        classnames=None if classification is None else root / get_str(params, "data.layout.classnames"),
-        templates=None if classification is None else root / get_str(params, "data.layout.templates"),
-        max_retrieval_images=max_images,
+        retrieval_images=data.path(f"{split}_images"),
+        retrieval_captions=data.path(f"{split}_captions"),
+        classification=data.path("classification") if classification else None,
+        classnames=data.path("classnames") if classification else None,
+        templates=data.path("templates") if classification else None,
+        max_retrieval_images=params.evaluate.max_retrieval_images,
     )
 
 
@@ -73,18 +67,10 @@ class DenseSettings:
         return evaluation_inputs(self.model, self.seed, self.batch_size, self.data, self.datasets)
 
 
-def dense_settings_from_params(params: dict) -> DenseSettings:
-    from ..data.evalsets import parse_eval_datasets
-    from ..params import get, get_int, get_str
-
-    data = eval_data_from_params(params)
-    return DenseSettings(
-        model=get_str(params, "model"),
-        seed=get_int(params, "seed", min_value=0),
-        batch_size=get_int(params, "evaluate.batch_size", min_value=1),
-        data=data,
-        datasets=tuple(parse_eval_datasets(get(params, "evaluate.datasets", default=[]))),
-    )
+def dense_settings_from_params(params: Params) -> DenseSettings:
+    """What the dense evaluation depends on, from params parsed with ``seed``, ``model``, ``data``, ``evaluate``."""
+    return DenseSettings(model=params.model, seed=params.seed, batch_size=params.evaluate.batch_size,
+                         data=eval_data_from_params(params), datasets=params.evaluate.datasets)
 
 
 def evaluate_dense(model: ClipModel, data: EvalData, *, inputs: dict, batch_size: int = 128,

@@ -42,14 +42,8 @@ def fill_template(template: Template, classname: str) -> str:
         raise ParamError(f"prompt template {template!r} must use only the placeholder '{{c}}' ({err})") from None
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParamError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-
 def tokenize_texts(model: ClipModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Token ids of ``texts`` (n, context_length) on CPU, tokenized ``batch_size`` at a time."""
-    _check_batch_size(batch_size)
     chunks = [model.tokenizer(list(texts[start:start + batch_size])).cpu()
               for start in range(0, len(texts), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.long)
@@ -59,7 +53,6 @@ def tokenize_texts(model: ClipModel, texts: Sequence[str], batch_size: int = 256
 def encode_tokens(model: ClipModel, tokens: torch.Tensor, batch_size: int = 256, progress: bool = False,
                   desc: str = "encode text") -> torch.Tensor:
     """Text embeddings (not normalised) of token ids (n, context_length), in batches, (n, embed_dim), on CPU."""
-    _check_batch_size(batch_size)
     device = model_device(model)
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)

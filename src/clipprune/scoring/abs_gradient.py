@@ -18,8 +18,6 @@ from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
 def abs_gradient_scores(model: ClipModel, loader, *, towers, loss, granularity, progress, keep_grads: bool = True,
                         **loss_options) -> ScoreResult:
     """Σ_rows |∂loss/∂mask| over batches or samples; ``loss_options`` go to the loss as for ``fisher``."""
-    if not isinstance(keep_grads, bool):
-        raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
     if loss is None:
         raise ParamError("score.loss is required by criterion 'abs_gradient'")
     if loader is None:

@@ -171,8 +171,6 @@ def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progre
         raise ParamError("score.loss is required by criterion 'fisher'")
     check_loss_options(loss, loss_options)
     check_towers_for_loss(loss, towers)
-    if not isinstance(keep_grads, bool):
-        raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
     if loader is None:
         raise ParamError("score.criterion=fisher needs calibration data (a loader of image-caption batches)")
     per_sample = granularity == "sample"

@@ -27,7 +27,6 @@ is not used by ``label_free`` (the meta records ``loss: max_logit``).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Iterator
 
 import torch
@@ -40,7 +39,6 @@ from .fisher import fisher_scores
 from .losses import register_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
 
-TEXT_SETS = ("batch", "prompts")
 LOSS = "max_logit"
 
 
@@ -53,9 +51,6 @@ def max_logit(image_features: torch.Tensor, text_features: torch.Tensor, scale, 
     each class's candidate is the renormalised mean of its normalised prompts (the zero-shot classifier).
     The captions are candidates, never labels: the loss is invariant to permuting the texts.
     """
-    if (isinstance(texts_per_class, bool) or not isinstance(texts_per_class, numbers.Integral)
-            or texts_per_class < 1):
-        raise ParamError(f"score.options.texts_per_class must be a positive integer, got {texts_per_class!r}")
     if text_features is None or text_features.shape[0] == 0:
         raise ValueError("max_logit loss needs at least one candidate text feature")
     if text_features.shape[0] % texts_per_class:
@@ -96,10 +91,6 @@ def _prompt_tokens(model: ClipModel, classnames, templates) -> tuple[torch.Tenso
     from clipprune.data.imagefolder import load_classnames, load_templates
     from clipprune.evaluate.zeroshot import fill_template
 
-    for key, value in (("classnames", classnames), ("templates", templates)):
-        if not isinstance(value, str) or not value:
-            raise ParamError(f"score.options.{key} must be the path of a JSON file (needed by "
-                             f"text_set: prompts), got {value!r}")
     names, filled = load_classnames(classnames), load_templates(templates)
     texts = [fill_template(template, name) for name in names for template in filled]
     return model.tokenizer(texts), len(names), len(filled)
@@ -115,15 +106,6 @@ def label_free_scores(model: ClipModel, loader, *, towers, loss, granularity, pr
     from the ``classnames`` and ``templates`` JSON files). ``keep_grads=False`` drops the gradient rows from
     the result. ``loss`` (``score.loss``) is ignored: the loss is always ``max_logit``.
     """
-    if text_set not in TEXT_SETS:
-        raise ParamError(f"score.options.text_set must be one of {', '.join(TEXT_SETS)}; got {text_set!r}")
-    if not isinstance(keep_grads, bool):
-        raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
-    if text_set == "batch" and (classnames is not None or templates is not None):
-        raise ParamError("score.options.classnames / templates are only used with score.options.text_set: prompts")
-    if text_set == "prompts" and granularity == "sample" and "text" in towers:
-        raise ParamError("score.options.text_set=prompts with score.granularity=sample can score only the vision "
-                         "tower (per-sample text masks cannot be shared by the prompts); use score.towers: vision")
     if loader is None:
         raise ParamError("score.criterion=label_free needs calibration data (a loader of image-caption batches)")
 

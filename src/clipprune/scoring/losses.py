@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-import numbers
 from typing import Callable
 
 import torch
@@ -90,10 +88,7 @@ def entropy(image_features: torch.Tensor, text_features, scale, inv_temperature=
 
     τ⁻¹ is ``inv_temperature`` (AMP uses 15–20), by default the model's logit scale. Needs ≥ 2 images.
     """
-    if inv_temperature is not None:
-        if (isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real)
-                or not math.isfinite(inv_temperature) or inv_temperature <= 0):
-            raise ParamError(f"score.options.inv_temperature must be a positive number, got {inv_temperature!r}")
+    if inv_temperature is not None:  # a positive number (checked with params.yaml, clipprune.config)
         scale = float(inv_temperature)
     batch = image_features.shape[0]
     if batch < 2:

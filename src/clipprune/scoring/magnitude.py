@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from clipprune.errors import ClipPruneError, ParamError
+from clipprune.errors import ClipPruneError
 from clipprune.models.base import ClipModel
 from clipprune.models.masks import mask_shape
 
 from .registry import ScoreResult, register_criterion
-
-
-NORMS = ("l2", "l1")
 
 
 def _power(weight: torch.Tensor, norm: str) -> torch.Tensor:
@@ -46,8 +43,6 @@ def magnitude_scores(model: ClipModel, loader=None, *, towers, loss, granularity
                      norm: str = "l2") -> ScoreResult:
     """Weight norms (``norm``: l2 or l1, LFPR's magnitude baseline) per head and neuron; zero for padding of
     narrower (already pruned) blocks."""
-    if norm not in NORMS:
-        raise ParamError(f"score.options.norm must be one of {', '.join(NORMS)}; got {norm!r}")
     scores = {}
     for name in towers:
         tower = model.towers[name]

@@ -18,10 +18,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from clipprune.config import GRANULARITIES, TOWER_CHOICES
 from clipprune.errors import ParamError
 
-GRANULARITIES = ("batch", "sample")
-TOWER_CHOICES = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
 GRADS_SUFFIX = ".grads"
 
 

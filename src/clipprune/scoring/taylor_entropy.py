@@ -34,8 +34,6 @@ one row per batch of the batch-mean loss, or per sample of the summed loss) are 
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Mapping
 
 import torch
@@ -51,13 +49,6 @@ LABEL_FREE_LOSSES = ("entropy", "entropy_image_text")
 DEFAULT_INV_TEMPERATURE = 20.0
 
 
-def check_inv_temperature(value, key: str = "score.options.inv_temperature") -> float:
-    """A positive finite number (τ⁻¹); ParamError naming ``key`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ParamError(f"{key} must be a positive number, got {value!r}")
-    return float(value)
-
-
 def _entropy_of_rows(logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits, dim=-1)
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
@@ -68,8 +59,8 @@ def entropy_image_text(image_features: torch.Tensor, text_features: torch.Tensor
                        inv_temperature=None) -> torch.Tensor:
     """Label-free image–text entropy (AMP's variant): mean of the image→text and text→image row entropies
     of softmax(τ⁻¹ · cos(image, caption)); τ⁻¹ is ``inv_temperature``, by default the model's logit scale."""
-    if inv_temperature is not None:
-        scale = check_inv_temperature(inv_temperature)
+    if inv_temperature is not None:  # a positive number (checked with params.yaml, clipprune.config)
+        scale = float(inv_temperature)
     if text_features is None or text_features.shape[0] != image_features.shape[0]:
         raise ValueError("entropy_image_text needs one caption feature per image")
     if image_features.shape[0] < 2:
@@ -95,9 +86,7 @@ def taylor_entropy_scores(model, loader, *, towers, loss, granularity, progress,
     if loss not in LABEL_FREE_LOSSES:
         raise ParamError(f"score.criterion=taylor_entropy needs a label-free score.loss "
                          f"({' or '.join(LABEL_FREE_LOSSES)}); got {loss!r}")
-    inv_temperature = check_inv_temperature(inv_temperature)
-    if not isinstance(keep_grads, bool):
-        raise ParamError(f"score.options.keep_grads must be true or false, got {keep_grads!r}")
+    inv_temperature = float(inv_temperature)
     check_towers_for_loss(loss, towers)
     if loader is None:
         raise ParamError("score.criterion=taylor_entropy needs calibration data (a loader of image batches)")

@@ -25,8 +25,6 @@ train split (the validation split is the evaluation set here).
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -42,10 +40,9 @@ from clipprune.io import atomic_path
 from clipprune.models.base import BlockView, ClipModel
 from clipprune.models.masks import apply_masks, full_masks
 
-from .common import check_metric, check_scores, descending_order
+from .common import check_scores, descending_order
 from .registry import register_search
 
-SEARCH_LOSSES = ("entropy", "entropy_image_text", "contrastive")
 TOWER_ORDER = ("vision", "text")
 DEFAULT_HALVINGS = 6
 DEFAULT_INV_TEMPERATURE = 20.0
@@ -62,10 +59,6 @@ def holdout_pairs(dataset: CocoCaptions, exclude: Iterable[Mapping], num_samples
     Disjoint *images* (not just pairs): the entropy loss reads images only, so a calibration image with
     another caption would not be held out. Deterministic for ``seed``, own numpy Generator.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ParamError(f"search.holdout_samples must be an integer >= 2, got {num_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ParamError(f"seed must be an integer, got {seed!r}")
     used = {int(p["image_id"]) for p in exclude}
     free = sorted(i for i in dataset.image_ids if i not in used and dataset.annotation_ids(i))
     if num_samples > len(free):
@@ -89,25 +82,6 @@ def holdout_loader(images_dir: str | os.PathLike, captions_file: str | os.PathLi
     pairs = holdout_pairs(dataset, calibration, num_samples, seed)
     return DataLoader(dataset.pair_dataset(pairs), batch_size=batch_size, shuffle=False, num_workers=0,
                       collate_fn=collate_image_caption_pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# option checks
-# ---------------------------------------------------------------------------------------------
-def _check_options(loss_inc_thresh, halvings, loss, inv_temperature, batch_size) -> tuple:
-    if (isinstance(loss_inc_thresh, bool) or not isinstance(loss_inc_thresh, numbers.Real)
-            or not math.isfinite(loss_inc_thresh) or loss_inc_thresh < 0):
-        raise ParamError(f"search.loss_inc_thresh must be a finite number >= 0, got {loss_inc_thresh!r}")
-    if isinstance(halvings, bool) or not isinstance(halvings, int) or not 1 <= halvings <= 30:
-        raise ParamError(f"search.options.halvings must be an integer in [1, 30], got {halvings!r}")
-    if loss not in SEARCH_LOSSES:
-        raise ParamError(f"search.options.loss must be one of {', '.join(SEARCH_LOSSES)}; got {loss!r}")
-    if (isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real)
-            or not math.isfinite(inv_temperature) or inv_temperature <= 0):
-        raise ParamError(f"search.options.inv_temperature must be a positive number, got {inv_temperature!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ParamError(f"search.options.batch_size must be an integer >= 2, got {batch_size!r}")
-    return float(loss_inc_thresh), halvings, loss, float(inv_temperature), batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,12 +212,9 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
                     batch_size: int = 32, progress: bool = True) -> dict[str, torch.Tensor]:
     """AMP's block-by-block binary search (module docstring); binary float32 masks, heads all kept.
 
-    ``constraint`` is ignored; ``metric`` is only checked (it matters for the caller's summary). ``report``
+    ``constraint`` and ``metric`` are not used (the metric matters for the caller's summary). ``report``
     (a dict) receives the per-block trace: candidate widths, their held-out losses, the accepted width.
     """
-    check_metric(metric)
-    loss_inc_thresh, halvings, loss, inv_temperature, batch_size = _check_options(
-        loss_inc_thresh, halvings, loss, inv_temperature, batch_size)
     towers = _searched_towers(scores, views)
     held_out = _HeldOutLoss(model, loss, inv_temperature)
     if "text" in towers and not held_out.uses_text:

@@ -13,7 +13,6 @@ All cost arithmetic is in exact integers, so "within budget" never depends on fl
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -26,38 +25,12 @@ from clipprune.errors import MaskError, ParamError
 from clipprune.models.base import BlockView
 
 KINDS = ("head", "neuron")
-METRICS = flops.METRICS
-NORMALIZATIONS = ("none", "layer")
 _KEY = re.compile(r"^(?P<tower>[A-Za-z0-9_]+)\.(?P<kind>head|neuron)$")
 
 
 # ---------------------------------------------------------------------------------------------
-# parameter checks
+# input checks (the params themselves, constraint, metric and options, are checked by clipprune.config)
 # ---------------------------------------------------------------------------------------------
-def check_constraint(constraint) -> float:
-    """Return ``constraint`` as a float if it is a number in (0, 1], else ParamError."""
-    if isinstance(constraint, bool) or not isinstance(constraint, numbers.Real):
-        raise ParamError(f"search.constraint must be a number in (0, 1], got {constraint!r} "
-                         f"({type(constraint).__name__})")
-    value = float(constraint)
-    if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ParamError(f"search.constraint must be in (0, 1], got {constraint!r}")
-    return value
-
-
-def check_metric(metric) -> str:
-    """Return ``metric`` if it is a known budget metric ("mac" or "params"), else ParamError."""
-    if metric not in METRICS:
-        raise ParamError(f"search.metric must be one of {', '.join(METRICS)}; got {metric!r}")
-    return metric
-
-
-def check_normalize(normalize) -> str:
-    if normalize not in NORMALIZATIONS:
-        raise ParamError(f"search option normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
-    return normalize
-
-
 def parse_score_key(key) -> tuple[str, str]:
     """``"vision.head"`` -> ``("vision", "head")``; MaskError for any other key."""
     match = _KEY.match(key) if isinstance(key, str) else None
@@ -168,10 +141,12 @@ def _unit_l2(values: np.ndarray) -> np.ndarray:
 
 def build_problem(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequence[BlockView]], constraint,
                   metric: str = "mac", normalize: str = "none") -> SearchProblem:
-    """Validate every input and flatten it into a :class:`SearchProblem` (see the module docstring)."""
-    constraint = check_constraint(constraint)
-    metric = check_metric(metric)
-    normalize = check_normalize(normalize)
+    """Check the scores against the model and flatten them into a :class:`SearchProblem` (module docstring).
+
+    ``constraint`` in (0, 1], ``metric`` "mac" | "params" and ``normalize`` "none" | "layer" are taken as
+    given (params.yaml is validated by ``clipprune.config``).
+    """
+    constraint = float(constraint)
     towers = check_scores(scores, views)
     tower_views = _as_views(views)
 
@@ -330,7 +305,6 @@ def mask_summary(masks: Mapping[str, torch.Tensor], views: Mapping[str, Sequence
     "num_heads", "neurons", "ffn_dim" (lists per layer), "layer_kept_fraction" (list), "kept_fraction"}}}``.
     A kind missing from ``masks`` counts as fully kept. Non-zero entries count as kept.
     """
-    metric = check_metric(metric)
     tower_views = _as_views(views)
     towers = sorted({parse_score_key(key)[0] for key in masks})
     unknown = [t for t in towers if t not in tower_views]

@@ -24,13 +24,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from clipprune.errors import MaskError, ParamError
+from clipprune.errors import MaskError
 from clipprune.models.base import BlockView
 
 from .common import KINDS, SearchProblem, build_problem, descending_order
 from .registry import register_search
-
-NORMALIZATIONS = ("mean", "max", "sum", "none")
 
 
 def _divisor(values: np.ndarray, normalize: str) -> float:
@@ -76,9 +74,6 @@ def threshold_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Seq
     ``normalize``: ``mean`` | ``max`` | ``sum`` | ``none`` (how each kind's scores are scaled first).
     ``report``, if given, is filled with the threshold, kept units and costs.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ParamError(f"search.options.normalize must be one of {', '.join(NORMALIZATIONS)} for method "
-                         f"'threshold'; got {normalize!r}")
     problem = build_problem(scores, views, constraint, metric)
     keep, info = solve(problem, normalize)
     if report is not None:

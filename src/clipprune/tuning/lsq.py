@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Mapping
 
 import torch
 
+from ..config import TOWER_CHOICES
 from ..errors import DataError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
@@ -59,7 +59,6 @@ from .capture import (BlockCall, block_parts, capture_block_input, iter_tower_ba
 
 __all__ = ["TuningWarning", "tune_masks", "LeastSquaresStats", "solve_scales"]
 
-TOWER_CHOICES = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
 # an error reduction smaller than this fraction of ‖R‖² (float32 statistics) is treated as no reduction
 NOISE_FLOOR = 1e-6
 
@@ -141,15 +140,6 @@ def solve_scales(G: torch.Tensor, r: torch.Tensor, start: torch.Tensor, damp: fl
 # ---------------------------------------------------------------------------------------------
 # parameters
 # ---------------------------------------------------------------------------------------------
-def _check_number(name: str, value, minimum: float, inclusive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ParamError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    if value < minimum or (value == minimum and not inclusive):
-        raise ParamError(f"{name} must be {'>=' if inclusive else '>'} {minimum:g}, got {value!r}")
-    return value
-
-
 def _tuned_towers(model: ClipModel, masks: Mapping[str, torch.Tensor], towers) -> tuple[str, ...]:
     masked = [t for t in model.towers if any(mask_key(t, k) in masks for k in ("head", "neuron"))]
     if towers is None:
@@ -203,10 +193,7 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
     """
     start_time = time.perf_counter()
     validate_masks(teacher, student_masks, "student_masks")
-    settings = _Settings(damp=_check_number("tune.damp", damp, 0.0, inclusive=True),
-                         max_scale=_check_number("tune.max_scale", max_scale, 0.0, inclusive=False))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParamError(f"tune.batch_size must be a positive integer, got {batch_size!r}")
+    settings = _Settings(damp=float(damp), max_scale=float(max_scale))  # checked with params.yaml (config)
     tower_names = _tuned_towers(teacher, student_masks, towers)
     device = next(teacher.parameters()).device
     current = {key: mask.detach().to(device=device, dtype=torch.float32).clone()
