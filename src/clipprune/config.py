@@ -894,3 +894,28 @@ def _message(error: dict) -> str:
         if isinstance(cause, _Invalid):
             return f"{key} {cause}"
     return f"{key}: {error.get('msg')}, got {error.get('input')!r}"  # not expected: every field has a check
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clipprune.config [params.yaml]``: check a params file without running a stage.
+
+    For keys no stage depends on (a top-level typo makes ``dvc repro`` run nothing). Registered names are
+    only checked as non-empty strings here; the stages check them against their registries.
+    """
+    import sys
+
+    from .params import load_params
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
+    try:
+        parse_params(load_params(path))
+    except ParamError as err:
+        print(f"{path}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ import torch
 
 from clipprune.distill import (Batch, CheckpointError, DistillConfig, RetrainRow, TrainImages, distill_loss,
                                keep_ratio, load_checkpoint, plan_training, train, vision_tokens)
+from clipprune.errors import ParamError
 from clipprune.export import load_pruned
 from clipprune.models import load_model
 from models import tiny_hf
@@ -177,3 +178,17 @@ def test_retraining_trains_masks_and_top_blocks_then_folds_them(blocks, digits_s
     if blocks:
         assert any(k.startswith(top) and k.endswith("q_proj.weight") for k in changed)
     assert all(k.startswith("visual.") for k in changed)  # text tower frozen
+
+
+@pytest.mark.parametrize("warmup_steps", [4, 10])  # 32 images / 8 per batch x 1 epoch = 4 steps
+def test_warmup_as_long_as_the_run_is_refused_before_training(warmup_steps, digits_split, pruned_dir, teacher):
+    config = dataclasses.replace(BASE, epochs=1, warmup_steps=warmup_steps)
+    student = load_pruned(pruned_dir)
+    before = _state_bytes(student)
+    with pytest.raises(ParamError) as info:
+        train(student, teacher, _data(digits_split, student, config), config, plan_training(student, teacher, config),
+              progress=False)
+    assert str(info.value) == (f"distill.warmup_steps must be < the 4 optimizer steps of this run (distill.epochs 1 x "
+                               f"4 steps per epoch), got {warmup_steps}: the learning rate would never reach its "
+                               f"peak and decay; lower warmup_steps or train longer")
+    assert _state_bytes(student) == before  # refused before the first step
