@@ -156,7 +156,8 @@ def test_every_key_misspelled_is_refused_with_did_you_mean(key):
     ((("report.resolution", 300),), "report.resolution: unknown key; known: dpi"),
     ((("shiny", 1),), "shiny: unknown top-level key; known: seed, model, model_files, data, calibrate, score, "
                       "search, tune, evaluate, report, distill, sparsity"),
-    ((("data.archives", [{"source": "a.zip", "sha": None}]),), "data.archives[0].sha: unknown key; did you mean `sha256`?"),
+    ((("data.archives", [{"source": "a.zip", "sha": None}]),),
+     "data.archives[0].sha: unknown key; did you mean `sha256`?"),
     ((("evaluate.datasets", [{"name": "x", "type": "coco_karpathy", "root": "data/eval/x",
                               "anotation": "data/eval/x.json"}]),),
      "evaluate.datasets[0].anotation is not a field of type coco_karpathy (did you mean `annotation`?)"),
@@ -222,7 +223,8 @@ def test_option_tables_match_the_registries():
     ("evaluate.max_retrieval_images", 0, "evaluate.max_retrieval_images must be >= 1, got 0"),
     ("evaluate.retrieval_split", "test", "evaluate.retrieval_split must be one of train, val; got 'test'"),
     ("evaluate.steps", "yes", "evaluate.steps must be true or false, got 'yes'"),
-    ("calibrate.num_samples", SAMPLES_MAX + 1, f"calibrate.num_samples must be <= {SAMPLES_MAX}, got {SAMPLES_MAX + 1}"),
+    ("calibrate.num_samples", SAMPLES_MAX + 1,
+     f"calibrate.num_samples must be <= {SAMPLES_MAX}, got {SAMPLES_MAX + 1}"),
     ("calibrate.num_samples", "many", "calibrate.num_samples must be an integer, got 'many' (str)"),
     ("calibrate.num_samples", True, "calibrate.num_samples must be an integer, got True (bool)"),
     ("score.batch_size", BATCH_MAX + 1, f"score.batch_size must be <= {BATCH_MAX}, got {BATCH_MAX + 1}"),
@@ -239,7 +241,8 @@ def test_option_tables_match_the_registries():
     ("search.loss_inc_thresh", -0.1, "search.loss_inc_thresh must be >= 0, got -0.1"),
     ("search.loss_inc_thresh", float("nan"), "search.loss_inc_thresh must be a finite number, got nan"),
     ("search.holdout_samples", 1, "search.holdout_samples must be >= 2, got 1"),
-    ("search.holdout_samples", SAMPLES_MAX + 1, f"search.holdout_samples must be <= {SAMPLES_MAX}, got {SAMPLES_MAX + 1}"),
+    ("search.holdout_samples", SAMPLES_MAX + 1,
+     f"search.holdout_samples must be <= {SAMPLES_MAX}, got {SAMPLES_MAX + 1}"),
     ("tune.damp", -0.1, "tune.damp must be >= 0, got -0.1"),
     ("tune.damp", float("inf"), "tune.damp must be a finite number, got inf"),
     ("tune.damp", "small", "tune.damp must be a finite number, got 'small' (str)"),
@@ -354,13 +357,15 @@ def test_eval_dataset_paths_stay_in_data_eval(root, why):
              "templates": "data/eval/t.json"}
     assert error(edited(("evaluate.datasets", [entry]))) == \
         f"evaluate.datasets[0].root must be a relative path inside data/eval/ ({why}), got {root!r}"
-    specs = parse_params(edited(("evaluate.datasets", [dict(entry, root="data/eval/imagenet1k/val")]))).evaluate.datasets
+    inside = edited(("evaluate.datasets", [dict(entry, root="data/eval/imagenet1k/val")]))
+    specs = parse_params(inside).evaluate.datasets
     assert str(specs[0].root) == "data/eval/imagenet1k/val" and specs[0].task == "zeroshot"
 
 
 def test_label_free_prompt_files_stay_in_the_dataset_folder():
     inside = "data/raw/digits/digits/classification"
-    prompts = {"text_set": "prompts", "classnames": f"{inside}/classnames.json", "templates": f"{inside}/templates.json"}
+    prompts = {"text_set": "prompts", "classnames": f"{inside}/classnames.json",
+               "templates": f"{inside}/templates.json"}
     base = ("score.criterion", "label_free")
     parse_params(edited(base, ("score.options", prompts)))
     assert error(edited(base, ("score.options", dict(prompts, templates="data/fixtures/templates.json")))) == \
@@ -378,7 +383,8 @@ def test_label_free_prompt_files_stay_in_the_dataset_folder():
     ((("distill.min_lr", 1.0),), "distill.min_lr must not exceed the peak lr base_lr*batch_size/256 = 0.0005, got 1.0"),
     ((("distill.mode", "retrain"), ("distill.retrain", {"mask_lr_scale": 10.0})),
      "distill.retrain.schedule is required in params.yaml but missing (distill.mode: retrain)"),
-    ((("distill.retrain.schedule", [{"keep": 0.5, "data": 0.5, "blocks": 1}, {"keep": 0.4, "data": 0.5, "blocks": 1}]),),
+    ((("distill.retrain.schedule", [{"keep": 0.5, "data": 0.5, "blocks": 1},
+                                    {"keep": 0.4, "data": 0.5, "blocks": 1}]),),
      "distill.retrain.schedule[1].keep must be greater than the previous row's (0.5), got 0.4"),
     ((("score.criterion", "label_free"), ("score.options", {"classnames": "data/raw/digits/c.json"})),
      "score.options.classnames / templates are only used with score.options.text_set: prompts"),

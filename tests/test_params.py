@@ -1,4 +1,4 @@
-"""Reading params.yaml (clipprune.params.load_params); what it holds is validated by clipprune.config (test_config.py)."""
+"""Reading params.yaml (clipprune.params.load_params); clipprune.config validates it (test_config.py)."""
 import pytest
 
 from clipprune.errors import ParamError

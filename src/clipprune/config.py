@@ -504,8 +504,8 @@ def parse_eval_datasets(value, key: str = "evaluate.datasets", base: str | os.Pa
         unknown = sorted(set(map(str, entry)) - set(allowed))
         if unknown:
             close = difflib.get_close_matches(unknown[0], allowed, n=1)
-            raise ParamError(f"{where}.{unknown[0]} is not a field of type {kind} "
-                             + (f"(did you mean `{close[0]}`?)" if close else f"(fields: {', '.join(sorted(allowed))})"))
+            hint = f"did you mean `{close[0]}`?" if close else f"fields: {', '.join(sorted(allowed))}"
+            raise ParamError(f"{where}.{unknown[0]} is not a field of type {kind} ({hint})")
         for field in _REQUIRED[kind]:
             if field not in entry:
                 raise ParamError(f"{where}.{field} is required for type {kind}")
@@ -708,7 +708,8 @@ def parse_mask_type(value, key: str = "sparsity.mask_type") -> MaskType:
     hint = ""
     if _is_int(value) and value >= 60:
         # YAML 1.1 (PyYAML, DVC's -S) reads an unquoted 2:4 as the base-60 number 2*60+4
-        hint = f" (an unquoted {value // 60}:{value % 60} in YAML is the number {value}: write \"{value // 60}:{value % 60}\")"
+        n_m = f"{value // 60}:{value % 60}"
+        hint = f" (an unquoted {n_m} in YAML is the number {value}: write \"{n_m}\")"
     raise ParamError(f"{key} must be unstructured, block4 or N:M (e.g. '2:4'), got {value!r}{hint}")
 
 

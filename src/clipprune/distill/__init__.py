@@ -11,8 +11,8 @@ from .train import TrainingPlan, TrainResult, plan_training, train
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint",
-    "DEFAULT_RETRAIN_SCHEDULE", "DistillConfig", "RetrainRow", "distill_config", "lr_at", "parse_distill_params", "parse_schedule",
-    "retrain_row", "scaled_lr",
+    "DEFAULT_RETRAIN_SCHEDULE", "DistillConfig", "RetrainRow", "distill_config", "lr_at", "parse_distill_params",
+    "parse_schedule", "retrain_row", "scaled_lr",
     "TrainImages", "epoch_plan", "select_images", "shard",
     "DistContext", "init_distributed", "launch", "under_torchrun",
     "keep_ratio", "vision_tokens",

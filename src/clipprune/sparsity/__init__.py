@@ -1,7 +1,7 @@
 """Weight-level sparsity (unstructured, block4, N:M): CAP, FastCAP and global magnitude (registry).
 
-``sparsity_config(parse_params(params).sparsity)`` (or ``parse_config(section)``) gives the typed config; ``sparsify(model, config, loader)`` returns the
-new weights per target; ``save_sparse`` / ``load_sparse`` store them compactly (bitmask + values).
+``sparsity_config(parse_params(params).sparsity)`` (or ``parse_config(section)``) gives the typed config
+(validated by ``clipprune.config``); ``sparsify(model, config, loader)`` returns the new weights per target; ``save_sparse`` / ``load_sparse`` store them compactly (bitmask + values).
 """
 from .config import MASK_TYPES, MaskType, SparsityConfig, check_target, check_targets, parse_config, \
     parse_mask_type, sparsity_config, target_name
@@ -18,7 +18,8 @@ from .run import apply_weights, sparsify, sparsity_stats
 
 __all__ = [
     "MASK_TYPES", "MaskType", "SparsityConfig", "check_target", "check_targets", "parse_config",
-    "parse_mask_type", "sparsity_config", "target_name", "GradientSource", "SparsityResult", "available_methods", "get_method",
+    "parse_mask_type", "sparsity_config", "target_name", "GradientSource", "SparsityResult", "available_methods",
+    "get_method",
     "register_method", "effective_block_size", "load_sparse", "pack_sparse", "save_sparse", "unpack_sparse",
     "BlockFisherInverse", "damped_fisher", "prunable_linears", "obs_sweep", "apply_weights", "sparsify",
     "sparsity_stats",
