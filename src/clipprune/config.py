@@ -244,12 +244,6 @@ def check_dataset_name(name, key: str = "data.name") -> str:
     return name
 
 
-def _dataset_name(value):
-    if not isinstance(value, str) or not _DATASET_NAME.fullmatch(value):
-        raise _Invalid(f"must be {_NAME_RULE}, got {value!r}")
-    return value
-
-
 def parse_archives(archives, key: str = "data.archives") -> list[dict]:
     """The ``data.archives`` list: entries with a ``source`` string and a sha256 (64 hex digits) or null."""
     if not isinstance(archives, list) or not archives:
@@ -295,7 +289,7 @@ class Layout(_Section):
 
 
 class DataSection(_Section):
-    name: _typed(str, _dataset_name)
+    name: _typed(str, lambda value: check_dataset_name(value))
     archives: _typed(list, lambda value: parse_archives(value))
     layout: Layout
 
