@@ -166,6 +166,9 @@ def test_s3_remote_round_trip(pipeline, tmp_path, s3_server, offline_aws):
 
 
 def test_unreachable_remote_fails_clearly_and_leaves_the_workspace(pipeline, tmp_path, offline_aws):
+    # one connection attempt per request instead of botocore's retries with back-off (about 100 s in all):
+    # the failure and its message are the same, only sooner
+    offline_aws.setenv("AWS_MAX_ATTEMPTS", "1")
     offline_aws.setenv("AWS_ACCESS_KEY_ID", "testing")
     offline_aws.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     endpoint = f"http://127.0.0.1:{free_port()}"
