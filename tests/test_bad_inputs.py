@@ -15,11 +15,13 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -285,6 +287,72 @@ def test_download_tar_link_escaping(bad, kind, target):
     mentions(message, "data.archives[0]", "bad/links.tar", "refusing link member 'digits/link'", repr(target))
 
 
+def zip_with_flags(members: dict[str, bytes], flagged: str, flags: int) -> bytes:
+    """A stored zip whose member ``flagged`` has general-purpose ``flags`` set (local and central headers)."""
+    data = bytearray(zip_bytes(members))
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        name_at = 30 if flag_at == 6 else 46
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            if data[start + name_at:start + name_at + len(flagged)] == flagged.encode():
+                data[start + flag_at] |= flags
+            start += 4
+    return bytes(data)
+
+
+def deflated_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def special_member(name: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = kind, 1, 3
+    return info
+
+
+# each: archive file name, its bytes, what the error line names besides the archive
+ARCHIVE_CASES = {
+    "zip_ratio_bomb": ("bomb.zip", lambda: deflated_zip({"digits/ok.txt": b"ok", "digits/zeros.bin": bytes(20 << 20)}),
+                       ["member 'digits/zeros.bin'", "over the limit of 100:1", "MAX_COMPRESSION_RATIO"]),
+    "zip_encrypted": ("secret.zip", lambda: zip_with_flags({"digits/ok.txt": b"ok", "digits/s.txt": b"s"},
+                                                           "digits/s.txt", 0x1),
+                      ["refusing encrypted member 'digits/s.txt'"]),
+    "zip_case_clash": ("case.zip", lambda: zip_bytes({"digits/A.txt": b"1", "digits/a.txt": b"2"}),
+                       ["members 'digits/A.txt' and 'digits/a.txt' differ only in letter case"]),
+    "zip_file_dir_clash": ("clash.zip", lambda: zip_bytes({"digits/x": b"1", "digits/x/y": b"2"}),
+                           ["'digits/x' would be both a file and a directory"]),
+    "zip_name_too_long": ("long.zip", lambda: zip_bytes({"digits/" + "n" * 300: b"1"}),
+                          ["its name part", "is 300 bytes, the filesystem holds at most 255"]),
+    "tar_device": ("dev.tar", lambda: tar_bytes([("digits/ok.txt", b"ok"), special_member("digits/null", tarfile.CHRTYPE)]),
+                   ["refusing special file member 'digits/null' (character device)"]),
+    "tar_duplicate": ("dup.tar", lambda: tar_bytes([("digits/a.txt", b"1"), ("digits/a.txt", b"2")]),
+                      ["duplicate member 'digits/a.txt'"]),
+    "tar_gz_bomb": ("bomb.tar.gz", lambda: tar_bytes([("digits/zeros.bin", bytes(40 << 20))], mode="w:gz"),
+                    ["member 'digits/zeros.bin' (40.0 MiB)", "over the limit of 100:1"]),
+    "tar_bad_header": ("hdr.tar", lambda: (lambda d: d[:1536 + 100] + b"garbage!" + d[1536 + 108:])(
+        tar_bytes([("digits/a.txt", b"a" * 700), ("digits/b.txt", b"b")])),
+        ["not a valid tar archive", "unreadable member header at byte 1536"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARCHIVE_CASES))
+def test_download_archive_member_problems(bad, case):
+    filename, build, expected = ARCHIVE_CASES[case]
+    mentions(archive_case(bad, filename, build()), "data.archives[0]", f"bad/{filename}", *expected)
+
+
+def test_download_two_archives_providing_the_same_file(bad):
+    bad.plant("bad/first.zip", zip_bytes({"digits/readme.txt": b"1"}))
+    bad.plant("bad/second.zip", zip_bytes({"digits/readme.txt": b"2"}))
+    bad.set(data__archives=[{"source": "bad/first.zip", "sha256": None}, {"source": "bad/second.zip", "sha256": None}])
+    mentions(bad.run("download"), "data.archives[1]: bad/second.zip: 'digits/readme.txt' clashes with",
+             "from data.archives[0] (bad/first.zip)")
+
+
 @pytest.mark.parametrize("name", ["a/b", ".."])
 def test_download_dataset_name_not_a_plain_folder(bad, name):
     bad.set(data__name=name)
@@ -364,6 +432,33 @@ def test_evaluate_corrupt_png_in_classification_folder(bad):
     # sorts first in the first class folder, so the first batch reads it
     bad.plant(f"{DIGITS}/classification/val/zero/000000.png", b"\x89PNG\r\n\x1a\n this is not an image")
     mentions(bad.run("evaluate_dense"), "classification/val/zero/000000.png", "cannot read image")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` pixels, with (almost) no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+IMAGE_CASES = {
+    "truncated": (lambda png: png[: len(png) // 2], ["cannot read image"]),
+    "last_byte_cut": (lambda png: png[:-1], ["cannot read image", "truncated PNG"]),
+    "huge_dimensions": (lambda png: png_claiming(100_000, 100_000),
+                        ["image too large", "10000000000 pixels", "MAX_IMAGE_PIXELS"]),
+    "bomb_warning_band": (lambda png: png_claiming(9000, 9000), ["image too large", "81000000 pixels"]),
+    "garbage": (lambda png: os.urandom(len(png)), ["cannot read image"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_evaluate_bad_image_in_classification_folder(bad, repo, case):
+    make, expected = IMAGE_CASES[case]
+    real = sorted((repo / DIGITS / "classification/val/zero").glob("*.png"))[0].read_bytes()
+    # sorts first in the first class folder, so the first batch reads it
+    bad.plant(f"{DIGITS}/classification/val/zero/000000.png", make(real))
+    mentions(bad.run("evaluate_dense"), "classification/val/zero/000000.png", *expected)
 
 
 def test_evaluate_retrieval_image_missing(bad, repo):
