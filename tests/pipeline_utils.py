@@ -182,3 +182,18 @@ def run_script(cwd: Path, argv: list[str], *, environment: dict | None = None,
     with _IDLE_LOCK:
         _IDLE.append(zygote)
     return result
+
+
+DELETE = object()  # set_key(..., DELETE) removes the key
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    """Set the nested params key ``dotted`` ("section.key") to ``value``, or remove it for ``DELETE``."""
+    *parents, last = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from clipprune.errors import ClipPruneError, MaskError, ModelLoadError
-from pipeline_utils import copy_repo, env, stage
+from pipeline_utils import DELETE as _DELETE, copy_repo, env, set_key, stage
 
 RAW = "data/raw/digits"
 DIGITS = f"{RAW}/digits"
@@ -62,20 +62,6 @@ def tree_diff(before: dict, after: dict) -> list[str]:
 def error_lines(stderr: str) -> list[str]:
     """Non-empty stderr lines that are not progress-bar redraws (bars redraw with '\\r')."""
     return [seg.strip() for seg in re.split(r"[\r\n]", stderr) if seg.strip() and not _PROGRESS.search(seg)]
-
-
-_DELETE = object()  # set_key(..., _DELETE) removes the key
-
-
-def set_key(params: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = params
-    for part in parents:
-        node = node[part]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
 
 
 class BadCase:

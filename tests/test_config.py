@@ -14,7 +14,7 @@ from clipprune.config import (BATCH_MAX, FISHER_BLOCK_MAX, NUM_GRADS_MAX, SAMPLE
                               parse_params, parse_section)
 from clipprune.errors import ParamError
 from clipprune.params import load_params
-from pipeline_utils import REPO
+from pipeline_utils import DELETE, REPO, set_key
 
 DEFAULT = load_params(REPO / "params.yaml")
 
@@ -23,18 +23,10 @@ def edited(*edits) -> dict:
     """The default params with ``(dotted key, value)`` edits; a value of ``DELETE`` removes the key."""
     params = copy.deepcopy(DEFAULT)
     for key, value in edits:
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        if value is DELETE:
-            del node[last]
-        else:
-            node[last] = value
+        set_key(params, key, value)
     return params
 
 
-DELETE = object()
 
 
 def error(params: dict, **kwargs) -> str:
