@@ -1,12 +1,13 @@
-"""CAP memory: what the block Fisher inverses take for ViT-B/32's vision tower, analytic and measured.
+"""CAP memory: what the block Fisher factors take for ViT-B/32's vision tower, analytic and measured.
 
     .venv/bin/python bench/cap_memory.py            # analytic table + one real-size layer (fc1, 3072x768)
     .venv/bin/python bench/cap_memory.py --quick    # a 256x64 layer instead (smoke test)
 
-Analytic: per Linear layer ceil(numel / B) blocks of B×B inverses (float32: 4 bytes). Measured: the inverse
-of one layer with random weights and gradients is built (Sherman–Morrison/Woodbury on a few gradients),
-its tensor bytes and the process RSS growth are printed, with the time of one update and of an OBS sweep
-over 64 blocks. Nothing is downloaded.
+Analytic: per Linear layer ceil(numel / B) blocks of B×B Cholesky factors (float32: 4 bytes), and the
+peak the memory plan (``sparsity/memory.py``) estimates for one layer per pass and for all layers at once.
+Measured: the factors of one layer with random weights and gradients are built (one update of a few
+gradients), their tensor bytes and the process RSS growth are printed, with the time of the update and of
+an OBS sweep over 64 blocks. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from clipprune.sparsity.config import parse_mask_type  # noqa: E402
-from clipprune.sparsity.fisher import BlockFisherInverse, fisher_inverse_memory_bytes, to_blocks, \
+from clipprune.sparsity.fisher import BlockFisher, fisher_memory_bytes, to_blocks, \
     valid_positions  # noqa: E402
+from clipprune.sparsity.memory import chunk_peak  # noqa: E402
 from clipprune.sparsity.obs import obs_sweep  # noqa: E402
 
 GIB = 2 ** 30
@@ -47,13 +49,14 @@ def analytic(block_sizes=(50, 192), batch: int = 32) -> None:
     numel = sum(n for _, n in layers)
     largest = max(n for _, n in layers)
     print(f"ViT-B/32 vision tower: {len(layers)} Linear weights, {numel:,} weights (largest layer {largest:,})")
-    print(f"{'B':>5} {'all layers (GiB)':>17} {'one layer max (GiB)':>20} {'chunk_layers=1 peak (GiB)':>26}")
+    print(f"{'B':>5} {'all layers (GiB)':>17} {'one layer max (GiB)':>20} {'chunk_layers=1 peak (GiB)':>26} "
+          f"{'one pass peak (GiB)':>20}")
+    numels = [n for _, n in layers]
     for b in block_sizes:
-        total = sum(fisher_inverse_memory_bytes(n, b) for _, n in layers)
-        one = fisher_inverse_memory_bytes(largest, b)
-        # sweep 1 works on a copy of the layer's inverse; per-sample gradients of one layer per batch
-        peak = 2 * one + batch * largest * 4
-        print(f"{b:>5} {total / GIB:>17.2f} {one / GIB:>20.3f} {peak / GIB:>26.2f}")
+        total = sum(fisher_memory_bytes(n, b) for n in numels)
+        one = fisher_memory_bytes(largest, b)
+        print(f"{b:>5} {total / GIB:>17.2f} {one / GIB:>20.3f} {chunk_peak(numels, 1, b, 4, batch) / GIB:>26.2f} "
+              f"{chunk_peak(numels, len(numels), b, 4, batch) / GIB:>20.2f}")
     print(f"per-sample gradients of one batch of {batch}, all layers at once: {batch * numel * 4 / GIB:.2f} GiB "
           f"(computed per layer on access instead: {batch * largest * 4 / GIB:.2f} GiB)")
 
@@ -67,17 +70,17 @@ def measure(out_features: int, in_features: int, block_sizes=(50, 192), grads: i
     for b in block_sizes:
         before = rss_bytes()
         start = time.perf_counter()
-        fisher = BlockFisherInverse(numel, b, 1e-7, grads)
+        fisher = BlockFisher(numel, b, 1e-7, grads)
         fisher.update(rows)
         built = time.perf_counter() - start
         grown = rss_bytes() - before
-        expected = fisher_inverse_memory_bytes(numel, b)
-        blocks = to_blocks(weight, b)[:SWEEP_BLOCKS]
+        expected = fisher_memory_bytes(numel, b)
+        blocks = to_blocks(weight.double(), b)[:SWEEP_BLOCKS]
         start = time.perf_counter()
-        obs_sweep(blocks, fisher.inverse[:SWEEP_BLOCKS].clone(), valid_positions(numel, b)[:SWEEP_BLOCKS], parse_mask_type("unstructured"))
+        obs_sweep(blocks, fisher.inverse(0, SWEEP_BLOCKS), valid_positions(numel, b)[:SWEEP_BLOCKS], parse_mask_type("unstructured"))
         sweep = time.perf_counter() - start
         per_block = sweep / SWEEP_BLOCKS * math.ceil(numel / b)
-        print(f"  B={b:>3}: inverse tensor {fisher.memory_bytes() / GIB:.3f} GiB (analytic {expected / GIB:.3f}), "
+        print(f"  B={b:>3}: factor tensor {fisher.memory_bytes() / GIB:.3f} GiB (analytic {expected / GIB:.3f}), "
               f"RSS +{grown / GIB:.3f} GiB; {grads} gradients {built:.2f} s; OBS sweep {SWEEP_BLOCKS} blocks {sweep:.2f} s "
               f"(whole layer ~{per_block:.0f} s)")
         del fisher

@@ -1,6 +1,7 @@
 """Shared entry-point wrapper for stages: params loading, the model-files guard, one-line errors, exit codes."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -53,6 +54,20 @@ def check_stage_model(name: str, params: dict) -> None:
         check_model_files(parsed.model, parsed.model_files)
 
 
+def log_decisions(name: str) -> None:
+    """The library logs its decisions (e.g. CAP's memory plan) on the ``clipprune`` logger: one line each on
+    stderr, prefixed with the stage name like the stage's own lines."""
+    logger = logging.getLogger("clipprune")
+    for handler in [h for h in logger.handlers if getattr(h, "clipprune_stage", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+    handler.clipprune_stage = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_stage(name: str, main: Callable[[dict], None], params_path: str = "params.yaml") -> None:
     """Run ``main(params)``; user errors print one line and exit 1, anything else exits 2 with a traceback.
 
@@ -60,6 +75,7 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
     SIGINT (exit 130) and SIGTERM (exit 143) unwind the stage like an exception, so no temporary is left.
     """
     start = time.perf_counter()
+    log_decisions(name)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     set_fixtures = "CLIPPRUNE_FIXTURES" not in os.environ

@@ -743,6 +743,16 @@ def _sparsity_int(low: int, high: int, nullable: bool = False) -> Callable:
     return wrapped
 
 
+def _chunk_layers(value):
+    """``auto`` (planned from the memory available), null (all layers in one pass) or a layer count."""
+    if value == "auto":
+        return value
+    try:
+        return _sparsity_int(1, CHUNK_LAYERS_MAX, nullable=True)(value)
+    except _Invalid:
+        raise _Invalid(f"must be auto, null or an integer in [1, {CHUNK_LAYERS_MAX}], got {value!r}") from None
+
+
 class SparsitySection(_Section):
     """The ``sparsity`` section; every key has a default (``clipprune.sparsity.SparsityConfig``)."""
 
@@ -756,7 +766,7 @@ class SparsitySection(_Section):
     damp: _typed(float, _float(0.0, low_open=True)) = 1e-7
     fisher_block_size: _typed(int, _sparsity_int(1, FISHER_BLOCK_MAX)) = 50
     fisher_dtype: _choice_type(*FISHER_DTYPES) = "float32"
-    chunk_layers: _typed(int | None, _sparsity_int(1, CHUNK_LAYERS_MAX, nullable=True)) = None
+    chunk_layers: _typed(int | str | None, _chunk_layers) = "auto"
     offload: Bool = False
     options: _typed(dict, _mapping("loss options")) = {}
 

@@ -21,6 +21,8 @@ from clipprune.sparsity import available_methods, parse_config, parse_mask_type
     ({"towers": "audio"}, "sparsity.towers"),
     ({"fisher_dtype": "float16"}, "sparsity.fisher_dtype"),
     ({"chunk_layers": 0}, "sparsity.chunk_layers"),
+    ({"chunk_layers": "automatic"}, "sparsity.chunk_layers"),
+    ({"chunk_layers": 2.5}, "sparsity.chunk_layers"),
     ({"offload": "yes"}, "sparsity.offload"),
     ({"blocksize": 4}, "sparsity"),
 ])
@@ -49,3 +51,9 @@ def test_unquoted_n_m_in_yaml_gets_a_hint():
     assert value == 124
     with pytest.raises(ParamError, match=r'got 124 \(an unquoted 2:4 in YAML is the number 124: write "2:4"\)$'):
         parse_mask_type(value)
+
+
+@pytest.mark.parametrize("value", ["auto", None, 3])
+def test_chunk_layers_takes_auto_null_or_a_count(value):
+    assert parse_config({"chunk_layers": value}, available_methods()).chunk_layers == value
+    assert parse_config({}, available_methods()).chunk_layers == "auto"

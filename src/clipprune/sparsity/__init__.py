@@ -11,7 +11,7 @@ from . import fastcap as _fastcap  # noqa: F401  (registers "fastcap")
 from . import magnitude as _magnitude  # noqa: F401  (registers "magnitude")
 from .cap import effective_block_size
 from .export import load_sparse, pack_sparse, save_sparse, unpack_sparse
-from .fisher import BlockFisherInverse, damped_fisher
+from .fisher import BlockFisher, damped_fisher
 from .layers import prunable_linears
 from .obs import obs_sweep
 from .run import apply_weights, sparsify, sparsity_stats
@@ -21,6 +21,6 @@ __all__ = [
     "parse_mask_type", "sparsity_config", "target_name", "GradientSource", "SparsityResult", "available_methods",
     "get_method",
     "register_method", "effective_block_size", "load_sparse", "pack_sparse", "save_sparse", "unpack_sparse",
-    "BlockFisherInverse", "damped_fisher", "prunable_linears", "obs_sweep", "apply_weights", "sparsify",
+    "BlockFisher", "damped_fisher", "prunable_linears", "obs_sweep", "apply_weights", "sparsify",
     "sparsity_stats",
 ]

@@ -34,7 +34,7 @@ class SparsityConfig:
     damp: float = 1e-7
     fisher_block_size: int = 50
     fisher_dtype: str = "float32"
-    chunk_layers: int | None = None
+    chunk_layers: int | str | None = "auto"  # auto | null (all layers) | layers per pass
     offload: bool = False
     options: dict = field(default_factory=dict)
 

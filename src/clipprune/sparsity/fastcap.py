@@ -19,25 +19,31 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import MaskType, SparsityConfig
+from .fisher import COMPUTE_DTYPE, cholesky
 from .masks import check_alignment, nm_mask_from_scores, smallest_k
 from .registry import GradientSource, SparsityResult, register_method
 
+ROW_CHUNK = 8192  # gradient rows (samples × out) summed together in float64
 
-def shared_fishers(layers, grads: GradientSource, block_size: int, damp: float, dtype: torch.dtype,
-                   names: list[str]) -> dict[str, torch.Tensor]:
-    """Per layer ``[chunks, B, B]`` damped row-shared Fisher from one calibration pass."""
+
+def shared_fishers(layers, grads: GradientSource, block_size: int, damp: float, names: list[str]) \
+        -> dict[str, torch.Tensor]:
+    """Per layer ``[chunks, B, B]`` damped row-shared Fisher from one calibration pass, summed in float64
+    (``ROW_CHUNK`` gradient rows at a time, so the float64 copy stays small)."""
     sums = {}
     for batch in grads.stream(names):
         for name in names:
-            g = batch[name].to(dtype)  # [rows, out, in]
-            chunks = _column_chunks(g.reshape(-1, g.shape[-1]), block_size)  # [samples*out, chunks, B]
-            part = torch.einsum("rci,rcj->cij", chunks, chunks)
-            sums[name] = part if name not in sums else sums[name] + part
+            g = batch[name]  # [rows, out, in]
+            flat = g.reshape(-1, g.shape[-1])
+            for start in range(0, flat.shape[0], ROW_CHUNK):
+                chunks = _column_chunks(flat[start:start + ROW_CHUNK].to(COMPUTE_DTYPE), block_size)
+                part = torch.einsum("rci,rcj->cij", chunks, chunks)  # [chunks, B, B]
+                sums[name] = part if name not in sums else sums[name] + part
     out = {}
     for name in names:
         rows = layers[name].weight.shape[0]
         fisher = sums[name] / (grads.num_grads * rows)
-        out[name] = fisher + damp * torch.eye(block_size, dtype=dtype)
+        out[name] = fisher + damp * torch.eye(block_size, dtype=COMPUTE_DTYPE)
     return out
 
 
@@ -51,9 +57,11 @@ def _column_chunks(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def cholesky_of_inverse(fisher: torch.Tensor) -> torch.Tensor:
-    """Upper ``U`` with ``F⁻¹ = UᵀU``, batched over chunks."""
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(fisher))
-    return torch.linalg.cholesky(inverse, upper=True)
+    """Upper ``U`` with ``F⁻¹ = UᵀU``, batched over chunks, in float64: with low-rank gradients and a small
+    damp, ``F`` is too ill-conditioned to factor in float32."""
+    fisher = fisher.to(COMPUTE_DTYPE)
+    inverse = torch.cholesky_inverse(cholesky(fisher))
+    return cholesky(inverse.transpose(1, 2)).transpose(1, 2)
 
 
 def saliencies(weight: torch.Tensor, upper: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -95,16 +103,16 @@ def fastcap_sparsify(layers, config: SparsityConfig, grads: GradientSource,
     from .cap import effective_block_size
 
     names = list(layers)
-    dtype = getattr(torch, config.fisher_dtype)
     block_size = effective_block_size(config.fisher_block_size, mask)
     block_size = min(block_size, max(layers[n].weight.shape[1] for n in names))
-    chunk = config.chunk_layers or len(names)
+    # a layer's shared Fishers are small (in × B numbers): auto and null both mean one calibration pass
+    chunk = config.chunk_layers if isinstance(config.chunk_layers, int) else len(names)
     uppers = {}
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
-        fishers = shared_fishers(layers, grads, block_size, config.damp, dtype, part)
+        fishers = shared_fishers(layers, grads, block_size, config.damp, part)
         uppers.update({n: cholesky_of_inverse(f) for n, f in fishers.items()})
-    weights = {n: layers[n].weight.detach().to("cpu", dtype) for n in names}
+    weights = {n: layers[n].weight.detach().to("cpu", COMPUTE_DTYPE) for n in names}
     out: dict[float, dict[str, torch.Tensor]] = {}
     if mask.kind == "nm":
         pruned = {n: column_sweep(weights[n], uppers[n], block_size, None, mask)
