@@ -6,7 +6,8 @@
 
 DVC itself fails on an unreachable remote, but only after its retries, as an "unexpected error" with exit
 status 255. This wrapper reads the remote from `.dvc/config` (+ `.dvc/config.local`), and for a local
-directory checks that it exists (for pull), for an S3-compatible `endpointurl` or an http(s)/ssh URL that
+directory (a path or `file://` URL) checks that it is a directory (check, pull) or one `dvc push` can
+create (no file at the path or on the way to it), for an S3-compatible `endpointurl` or an http(s)/ssh URL that
 its host accepts a TCP connection, before handing over to dvc. A remote on AWS itself (s3:// without
 `endpointurl`) is not probed: the check contacts nothing but the configured endpoint.
 """
@@ -72,12 +73,35 @@ def check_remote(name: str | None, action: str, repo: Path = Path("."), timeout:
             unchanged = "" if action == "check" else f"; nothing was {action}ed and the workspace is unchanged"
             raise RemoteError(f"remote '{name}' ({url} at {where}) is unreachable: {err.strerror or err}"
                               f"{unchanged}") from None
-    elif "://" not in url and action == "pull":
-        path = Path(url) if Path(url).is_absolute() else (repo / ".dvc" / url)
-        if not path.is_dir():
-            raise RemoteError(f"remote '{name}' is a local directory that does not exist: {path}; "
-                              f"nothing was pulled and the workspace is unchanged")
+    elif "://" not in url or urlparse(url).scheme == "file":
+        check_local_directory(name, local_path(url, repo), action)
     return name
+
+
+def local_path(url: str, repo: Path) -> Path:
+    """The directory of a local remote: ``file://`` URLs and paths, relative ones to ``.dvc/`` as dvc does."""
+    if urlparse(url).scheme == "file":
+        url = urlparse(url).path
+    path = Path(url).expanduser()
+    return path if path.is_absolute() else repo / ".dvc" / path
+
+
+def check_local_directory(name: str, path: Path, action: str) -> None:
+    """RemoteError unless ``path`` is a directory (``check``, ``pull``) or one ``dvc push`` can create.
+
+    A file at the path, or at any folder on the way, would make dvc fail with an "unexpected error".
+    """
+    unchanged = "" if action == "check" else f"; nothing was {action}ed and the workspace is unchanged"
+    if path.is_dir():
+        return
+    if path.exists():
+        raise RemoteError(f"remote '{name}' points at {path}, which is not a directory{unchanged}")
+    ancestor = next(parent for parent in path.parents if parent.exists())  # "/" at the latest
+    if not ancestor.is_dir():
+        raise RemoteError(f"remote '{name}' points at {path}, but {ancestor} is not a directory{unchanged}")
+    if action != "push":  # dvc push creates the directory; there is nothing to check or pull from yet
+        hint = " (dvc push creates it)" if action == "check" else ""
+        raise RemoteError(f"remote '{name}' is a local directory that does not exist: {path}{hint}{unchanged}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"remote: error: {err}", file=sys.stderr)
         return 1
     if args.action == "check":
-        print(f"remote: '{name}' is reachable")
+        print(f"remote: '{name}' is reachable")  # a local directory: it exists
         return 0
     extra = [a for a in dvc_args if a != "--"]
     return subprocess.run(["dvc", args.action, "-r", name, *extra]).returncode

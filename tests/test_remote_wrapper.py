@@ -81,3 +81,50 @@ def test_main_exit_status(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert remote.main(["pull", "-r", "dead"]) == 1
     assert capsys.readouterr().err.startswith("remote: error: remote 'dead'")
+
+
+def local_remote(tmp_path: Path, url: str) -> Path:
+    return write_config(tmp_path / "repo", f"[core]\n    remote = store\n['remote \"store\"']\n    url = {url}\n")
+
+
+@pytest.mark.parametrize("action", ["check", "pull"])
+@pytest.mark.parametrize("url", ["../../missing", "ABSOLUTE", "FILE_URL"])
+def test_missing_local_directory_is_not_reachable(tmp_path, action, url):
+    missing = tmp_path / "missing"
+    url = {"ABSOLUTE": str(missing), "FILE_URL": f"file://{missing}"}.get(url, url)
+    with pytest.raises(remote.RemoteError) as err:
+        remote.check_remote(None, action, local_remote(tmp_path, url))
+    message = str(err.value)
+    assert "\n" not in message and "local directory that does not exist" in message and str(missing.name) in message
+    assert ("dvc push creates it" in message) == (action == "check")
+
+
+@pytest.mark.parametrize("action", ["check", "push", "pull"])
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_local_remote_at_a_file_is_one_line(tmp_path, action, where):
+    blocker = tmp_path / "store.txt"
+    blocker.write_text("not a directory")
+    path = blocker if where == "file" else blocker / "sub" / "store"
+    with pytest.raises(remote.RemoteError) as err:
+        remote.check_remote(None, action, local_remote(tmp_path, str(path)))
+    message = str(err.value)
+    assert "\n" not in message and str(blocker) in message and "not a directory" in message
+    assert not blocker.is_dir() and blocker.read_text() == "not a directory"
+
+
+def test_check_of_an_existing_local_directory_passes(tmp_path, capsys, monkeypatch):
+    (tmp_path / "store").mkdir()
+    repo = local_remote(tmp_path, str(tmp_path / "store"))
+    monkeypatch.chdir(repo)
+    assert remote.main(["check"]) == 0
+    assert capsys.readouterr().out.strip() == "remote: 'store' is reachable"
+
+
+def test_main_reports_a_file_remote_without_running_dvc(tmp_path, capsys, monkeypatch):
+    (tmp_path / "store.txt").write_text("x")
+    monkeypatch.chdir(local_remote(tmp_path, str(tmp_path / "store.txt")))
+    monkeypatch.setattr(remote.subprocess, "run", lambda *a, **k: pytest.fail("dvc must not run"))
+    assert remote.main(["push"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("remote: error: remote 'store' points at")
+    assert "nothing was pushed" in err
