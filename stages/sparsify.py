@@ -3,7 +3,9 @@
 Usage: python stages/sparsify.py <target>. Reads artifacts/sparse/pruned.safetensors (stage sparse_prune),
 writes artifacts/sparse/<target>/ (bitmask + values, ``clipprune.sparsity.load_sparse``) and
 reports/sparsity/<target>.json (sparsity per layer and overall, zero-shot and retrieval of the dense and
-the sparse model, file size compact vs dense).
+the sparse model, file size compact vs dense). The dense figures and text embeddings come from the cached
+dense evaluation (artifacts/eval/dense, stage evaluate_dense): a sparse model whose text tower was not
+pruned takes the dense class and caption embeddings instead of encoding them again.
 """
 import json
 import sys
@@ -15,7 +17,9 @@ from _common import run_stage
 from clipprune.config import parse_params
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.evaluate.complexity import file_size_bytes
-from clipprune.evaluate.suite import accuracy_metrics, eval_data_from_params
+from clipprune.evaluate.dense import load_dense_evaluation
+from clipprune.evaluate.embeddings import TextEncoder
+from clipprune.evaluate.suite import accuracy_metrics, dense_settings_from_params, describe_text_reuse
 from clipprune.io import write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_losses
@@ -24,6 +28,7 @@ from clipprune.sparsity import (apply_weights, available_methods, check_target, 
 from clipprune.sparsity.export import check_same_model, dense_size_bytes, read_target
 
 PRUNED = Path("artifacts/sparse/pruned.safetensors")
+DENSE = Path("artifacts/eval/dense")  # evaluate_dense: the dense model's cached evaluation
 
 
 def main(params: dict) -> None:
@@ -43,11 +48,11 @@ def main(params: dict) -> None:
     model_name = p.model
     if meta.get("model") != model_name or meta.get("config") != config.as_dict():
         raise ClipPruneError(f"{PRUNED}: written for other params (model or sparsity); rerun sparse_prune")
-    data = eval_data_from_params(p)
-    batch_size = p.evaluate.batch_size
+    settings = dense_settings_from_params(p)
+    baseline = load_dense_evaluation(DENSE, settings.inputs())
+    data, batch_size = settings.data, settings.batch_size
     torch.manual_seed(p.seed)
     model = load_model(model_name)
-    dense_metrics = accuracy_metrics(model, data, batch_size=batch_size)
     dense_bytes = dense_size_bytes(model)
     apply_weights(model, weights, config.towers)
     keys = [meta["meta"]["state_keys"][layer] for layer in weights]
@@ -56,6 +61,8 @@ def main(params: dict) -> None:
                                                     "mask_type": config.mask.name}})
     reloaded = load_sparse(out_dir)
     check_same_model(reloaded, model, str(out_dir))  # bit-identical, not merely close
+    text = TextEncoder(reloaded, batch_size, baseline.text)
+    print(f"sparsify: {describe_text_reuse('sparse model', text)}")
     mask = config.mask
     stats = sparsity_stats(weights, (mask.n, mask.m) if mask.kind == "nm" else None)
     compact_bytes = file_size_bytes(out_dir)
@@ -65,8 +72,8 @@ def main(params: dict) -> None:
         "sparsity": stats,
         # not "dense": reports/metrics.json has that block, and equal key paths in several metrics files
         # make `dvc exp show` prefix the column with the file name
-        "dense_reference": dense_metrics,
-        "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size),
+        "dense_reference": {key: baseline.metrics[key] for key in ("zeroshot", "retrieval") if key in baseline.metrics},
+        "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size, label="sparse model", text=text),
         "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
         "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},
     }

@@ -65,6 +65,20 @@ def test_evaluate_reuses_the_dense_text_embeddings(reproduced):
                          rf"dense model's class and caption embeddings", log), model
 
 
+def test_sparsify_reads_the_cached_dense_evaluation(reproduced):
+    """Each sparsify@<target> takes the dense figures and text embeddings from evaluate_dense, not its own run."""
+    log = (reproduced.parent / "repro.log").read_text()
+    metrics = json.loads((reproduced / "reports/metrics.json").read_text())
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    for target in params["sparsity"]["targets"]:
+        report = json.loads((reproduced / f"reports/sparsity/{float(target)!r}.json").read_text())
+        assert report["dense_reference"] == {key: metrics["dense"][key] for key in ("zeroshot", "retrieval")}
+        assert report["sparsity"]["overall"] == pytest.approx(target, abs=1e-3)
+    reused = re.findall(r"sparsify: sparse model: text tower unchanged \(fingerprint [0-9a-f]{12}\): reusing", log)
+    assert len(reused) == len(params["sparsity"]["targets"])
+    assert "dense zero-shot" not in log.split("Running stage 'sparsify@")[-1]
+
+
 def test_second_repro_runs_nothing(reproduced):
     status = dvc(reproduced, "status")
     assert "changed" not in status.stdout and "modified" not in status.stdout, status.stdout
