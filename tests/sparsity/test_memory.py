@@ -36,13 +36,15 @@ def test_auto_keeps_everything_in_memory_when_it_fits():
 
 
 @pytest.mark.parametrize("available_gib", [4, 8, 12, 20])
-def test_auto_takes_the_largest_chunk_that_fits(available_gib):
+def test_auto_makes_the_fewest_calibration_passes_that_fit_with_even_chunks(available_gib):
     available = available_gib * GIB
     chosen = plan(available)
     budget = available * HEADROOM
-    assert chosen.peak_bytes <= budget
-    assert chosen.chunk_layers == 72 or chunk_peak(VIT_NUMELS, chosen.chunk_layers + 1, 50, 4, 32) > budget
-    assert chosen.mode == ("memory" if chosen.chunk_layers == 72 else "rebuild")
+    largest = max(k for k in range(1, 73) if chunk_peak(VIT_NUMELS, k, 50, 4, 32) <= budget)  # brute force
+    passes = -(-72 // largest)
+    assert chosen.chunks == passes and chosen.chunk_layers == -(-72 // passes)
+    assert chosen.peak_bytes == chunk_peak(VIT_NUMELS, chosen.chunk_layers, 50, 4, 32) <= budget
+    assert chosen.mode == ("memory" if passes == 1 else "rebuild")
 
 
 def test_offload_needs_the_disk_space_and_says_so():

@@ -93,6 +93,7 @@ def plan_fisher_memory(names: list[str], numels: list[int], block_size: int, ite
                          f"grows linearly with it) or sparsity.towers")
     if chunk_layers == "auto":
         chunk = max(k for k in range(1, count + 1) if peak(k) <= budget)
+        chunk = -(-count // -(-count // chunk))  # as many passes, evener chunks: a lower peak
     else:
         chunk = count if chunk_layers is None else min(int(chunk_layers), count)
         if peak(chunk) > budget:
