@@ -22,3 +22,7 @@ class ModelLoadError(ClipPruneError):
 
 class MaskError(ClipPruneError):
     """A mask file does not fit the model it is applied to."""
+
+
+class OutputError(ClipPruneError):
+    """An output cannot be written: its directory is read-only, the disk is full, a file is in the way."""
