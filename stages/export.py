@@ -6,16 +6,18 @@ from _common import run_stage
 from clipprune.config import parse_params
 from clipprune.export import export_pruned
 from clipprune.models import load_model
-from clipprune.models.masks import load_masks, validate_masks
+from clipprune.models.masks import check_scales, load_masks, validate_masks
 
 MASKS = Path("artifacts/masks/tuned.safetensors")
 OUT = Path("artifacts/models/pruned")
 
 
 def main(params: dict) -> None:
-    model = load_model(parse_params(params, need=("model",)).model)
+    p = parse_params(params, need=("model", "tune"))
+    model = load_model(p.model)
     masks = load_masks(MASKS)
     validate_masks(model, masks, str(MASKS))  # a mismatch names the file, not an internal variable
+    check_scales(masks, str(MASKS), p.tune.max_scale)  # the range tune keeps its scales in
     start = time.perf_counter()
     export_pruned(model, masks, OUT)
     print(f"export: wrote {OUT} in {time.perf_counter() - start:.1f} s")

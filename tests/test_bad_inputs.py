@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from clipprune.errors import ClipPruneError, MaskError, ModelLoadError
-from pipeline_utils import DELETE as _DELETE, copy_repo, env, set_key, stage
+from pipeline_utils import DELETE as _DELETE, copy_repo, env, run_script, set_key, stage
 
 RAW = "data/raw/digits"
 DIGITS = f"{RAW}/digits"
@@ -113,14 +113,15 @@ class BadCase:
         self._undo.clear()
         (self.repo / "params.yaml").write_text(self.params_text)
 
-    def run(self, stage_name: str) -> str:
-        """Run ``stages/<stage_name>.py``; assert the failure contract and return the error message."""
+    def run(self, stage_name: str, argv: list[str] | None = None) -> str:
+        """Run ``stages/<stage_name>.py`` (or the script ``argv``, e.g. a planted wrapper that runs the stage
+        under a simulated fault); assert the failure contract and return the error message."""
         before = tree_state(self.repo)
         environment = env()
         environment["HF_HOME"] = str(self.hf_home)  # an empty cache: no weights can be found by accident
         for cache in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
             environment.pop(cache, None)
-        proc = stage(self.repo, stage_name, environment=environment, timeout=300)
+        proc = run_script(self.repo, argv or [f"stages/{stage_name}.py"], environment=environment, timeout=300)
         after = tree_state(self.repo)
         shown = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
         assert proc.returncode == 1, shown
@@ -756,3 +757,191 @@ def test_corrupt_mask_file(tiny_model, tmp_path, cut):
         load_masks(path)
     mentions(str(info.value), str(path), "not a readable safetensors mask file")
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- widths and dtypes read back from disk
+
+def _edited_export(exported: Path, dest: Path, dotted: str, value) -> Path:
+    """A copy of the export whose config.json has ``dotted`` (e.g. "base.image_size") set to ``value``."""
+    _copy_export(exported, dest)
+    config = json.loads((dest / "config.json").read_text())
+    set_key(config, dotted, value)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+VISION = "base.model_cfg.vision_cfg"
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    (f"{VISION}.patch_size", 0, f"{VISION}.patch_size must be an integer in [1, 8192], got 0"),
+    (f"{VISION}.patch_size", -4, f"{VISION}.patch_size must be an integer in [1, 8192], got -4"),
+    (f"{VISION}.patch_size", 64, f"{VISION}.patch_size 64 must not exceed image_size 32"),
+    (f"{VISION}.head_width", 0, f"{VISION}.head_width must be an integer in [1, 192], got 0"),
+    (f"{VISION}.head_width", 5, f"{VISION}.head_width must divide the width 192 evenly, got 5"),
+    (f"{VISION}.width", -4, f"{VISION}.width must be an integer in [1, 65536], got -4"),
+    (f"{VISION}.width", 2.5, f"{VISION}.width must be an integer in [1, 65536], got 2.5"),
+    (f"{VISION}.layers", 0, f"{VISION}.layers must be an integer in [1, 1024], got 0"),
+    (f"{VISION}.layers", [1, 1, 1, 1], f"{VISION}: only ViT vision towers"),
+    (f"{VISION}.mlp_ratio", -4, f"{VISION}.mlp_ratio must be a number in (0, 64], got -4"),
+    (f"{VISION}.mlp_ratio", 1e9, f"{VISION}.mlp_ratio must be a number in (0, 64], got 1000000000.0"),
+    (f"{VISION}.image_size", "x", f"{VISION}.image_size must be an integer in [1, 8192], got 'x'"),
+    ("base.model_cfg.text_cfg.heads", 0, "base.model_cfg.text_cfg.heads must be an integer in [1, 64], got 0"),
+    ("base.model_cfg.text_cfg.layers", 0, "base.model_cfg.text_cfg.layers must be an integer in [1, 1024], got 0"),
+    ("base.model_cfg.text_cfg.vocab_size", -1, "base.model_cfg.text_cfg.vocab_size must be an integer in"),
+    ("base.model_cfg.text_cfg.context_length", -1, "base.model_cfg.text_cfg.context_length must be an integer"),
+    ("base.model_cfg.embed_dim", None, "base.model_cfg.embed_dim must be an integer in [1, 65536], got None"),
+    ("base.model_cfg", [1], "base.model_cfg must be a mapping, got list"),
+    ("base.image_size", 0, "base.image_size must be an integer in [1, 8192], got 0"),
+    ("base.image_std", [0, 0, 0], "base.image_std must be a list of 3 finite positive numbers"),
+    ("base.image_mean", [0.5], "base.image_mean must be a list of 3 finite numbers"),
+    ("base.tokenizer.context_length", 0, "base.tokenizer.context_length must be an integer in [1, 65536], got 0"),
+])
+def test_load_pruned_checks_every_width_of_config_json(exported, tmp_path, dotted, value, expected):
+    from clipprune.export import load_pruned
+
+    dest = _edited_export(exported, tmp_path / "pruned", dotted, value)
+    with pytest.raises(ClipPruneError) as info:
+        load_pruned(dest)
+    message = str(info.value)
+    assert "\n" not in message
+    mentions(message, f"{dest / 'config.json'}: {expected}")
+
+
+def test_load_pruned_refuses_an_architecture_too_large_to_build(exported, tmp_path):
+    from clipprune.export import load_pruned
+
+    dest = _edited_export(exported, tmp_path / "pruned", VISION, {"width": 65536, "head_width": 64, "layers": 1024,
+                                                                  "patch_size": 4, "image_size": 32})
+    with pytest.raises(ClipPruneError,
+                       match=r"config\.json: base\.model_cfg describes about 5\.28e\+13 parameters, more than"):
+        load_pruned(dest)
+
+
+def test_evaluate_pruned_model_with_a_zero_patch_size(call_stage, exported, tmp_path):
+    dest = _edited_export(exported, tmp_path / "pruned", f"{VISION}.patch_size", 0)
+    mentions(call_stage("evaluate_dense", model=f"pruned:{dest}"), str(dest / "config.json"),
+             f"{VISION}.patch_size must be an integer in [1, 8192], got 0")
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("model_cfg.vision_cfg.head_width", 0, "model_cfg.vision_cfg.head_width must be an integer in [1, 192], got 0"),
+    ("model_cfg.vision_cfg.patch_size", 0, "model_cfg.vision_cfg.patch_size must be an integer"),
+    ("model_cfg.text_cfg.context_length", 0, "model_cfg.text_cfg.context_length must be an integer"),
+    ("image_std", [0.2, 0.2, 0], "image_std must be a list of 3 finite positive numbers"),
+])
+def test_fixture_config_widths_are_checked(tmp_path, monkeypatch, dotted, value, expected):
+    from clipprune.models import load_model
+
+    source = Path(__file__).resolve().parents[1] / "data/fixtures/tiny_clip"
+    fixture = tmp_path / "broken"
+    fixture.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    set_key(config, dotted, value)
+    (fixture / "config.json").write_text(json.dumps(config))
+    (fixture / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    monkeypatch.setenv("CLIPPRUNE_FIXTURES", str(tmp_path))
+    with pytest.raises(ModelLoadError) as info:
+        load_model("fixture:broken")
+    mentions(str(info.value), f"{fixture / 'config.json'}: {expected}")
+
+
+def _retyped_weights(path: Path, key: str, dtype: torch.dtype) -> None:
+    from clipprune.io import read_safetensors, safetensors_bytes
+
+    tensors, metadata = read_safetensors(path)
+    tensors[key] = tensors[key].to(dtype)
+    path.write_bytes(safetensors_bytes(tensors, metadata))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16])
+def test_load_pruned_refuses_weights_of_another_dtype(exported, tmp_path, dtype):
+    from clipprune.export import load_pruned
+
+    dest = _copy_export(exported, tmp_path / "pruned")
+    _retyped_weights(dest / "model.safetensors", "visual.proj", dtype)
+    with pytest.raises(ClipPruneError) as info:
+        load_pruned(dest)
+    mentions(str(info.value), str(dest / "model.safetensors"),
+             f"tensor visual.proj has dtype {str(dtype).removeprefix('torch.')}, expected float32")
+
+
+def test_fixture_with_integer_weights(tmp_path, monkeypatch):
+    from clipprune.models import load_model
+
+    source = Path(__file__).resolve().parents[1] / "data/fixtures/tiny_clip"
+    fixture = tmp_path / "ints"
+    fixture.mkdir()
+    (fixture / "config.json").write_text((source / "config.json").read_text())
+    (fixture / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    _retyped_weights(fixture / "model.safetensors", "visual.proj", torch.int32)
+    monkeypatch.setenv("CLIPPRUNE_FIXTURES", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=re.escape(f"{fixture / 'model.safetensors'}: tensor visual.proj has "
+                                                       "dtype int32, expected a floating-point dtype")):
+        load_model("fixture:ints")
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("int64", "tensor classes has dtype int64, expected a floating-point dtype"),
+    ("huge_header", "not a readable text embeddings file (Error while deserializing header"),
+])
+def test_text_embeddings_file_of_another_dtype_or_header(tmp_path, damage, expected):
+    from clipprune.errors import DataError
+    from clipprune.evaluate.embeddings import FORMAT, load_text_embeddings
+    from clipprune.io import save_safetensors
+
+    path = tmp_path / "text_embeddings.safetensors"
+    if damage == "int64":
+        save_safetensors(path, {"classes": torch.ones(4, 2, dtype=torch.int64)},
+                         {"format": FORMAT, "fingerprint": '"x"', "batch_size": "8", "entries": '{"classes": {}}'})
+    else:
+        path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(DataError) as info:
+        load_text_embeddings(path)
+    mentions(str(info.value), str(path), expected)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("huge_header", "not a readable sparse_prune output (Error while deserializing header: header too large)"),
+    ("values_int64", "tensor 0.5000/layer.__values__ has dtype int64, expected a floating-point dtype"),
+    ("targets_not_a_list", "metadata needs 'targets' (a list), 'shapes' and 'meta.state_keys'"),
+    ("no_state_keys", "metadata needs 'targets' (a list), 'shapes' and 'meta.state_keys'"),
+    ("negative_shape", "sparse tensor layer is malformed (shape [-4, 2] is not a list of non-negative integers)"),
+])
+def test_sparse_prune_output_is_validated_when_sparsify_reads_it(tmp_path, damage, expected):
+    from clipprune.io import save_safetensors
+    from clipprune.sparsity.export import compact_tensors, read_target
+
+    weight = torch.tensor([[0.0, 1.5], [2.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    tensors, _ = compact_tensors({"0.5000/layer": weight}, ["0.5000/layer"])
+    meta = {"targets": ["0.5000"], "shapes": {"layer": [4, 2]}, "meta": {"state_keys": {"layer": "w"}}}
+    if damage == "values_int64":
+        tensors["0.5000/layer.__values__"] = tensors["0.5000/layer.__values__"].long()
+    elif damage == "targets_not_a_list":
+        meta["targets"] = "0.5000"
+    elif damage == "no_state_keys":
+        meta["meta"] = {}
+    elif damage == "negative_shape":
+        meta["shapes"]["layer"] = [-4, 2]
+    path = tmp_path / "pruned.safetensors"
+    save_safetensors(path, tensors, {k: json.dumps(v) for k, v in meta.items()})
+    if damage == "huge_header":
+        path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(ClipPruneError) as info:
+        read_target(path, "0.5000")
+    mentions(str(info.value), str(path), expected)
+
+
+def test_checkpoint_tensor_of_another_dtype_is_refused(tmp_path):
+    from clipprune.distill.checkpoint import Checkpoint, CheckpointError, check_against, load_checkpoint, \
+        rng_state, save_checkpoint
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, Checkpoint(epoch=1, step=2, model={"w": torch.ones(2, dtype=torch.float64)},
+                                     rng=rng_state()), "fp")
+    checkpoint = load_checkpoint(path, "fp")
+    with pytest.raises(CheckpointError, match=re.escape("model/w has shape [2] (float64), expected [2] (float32)")):
+        check_against(path, checkpoint, {"w": torch.ones(2)}, {})
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: corrupt or truncated (Error while deserializing")):
+        load_checkpoint(path, "fp")

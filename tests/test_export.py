@@ -220,3 +220,32 @@ def test_export_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     with pytest.raises(MaskError):
         export_pruned(model, bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+HF_VISION = "base.clip_config.vision_config"
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("vision_config", "num_attention_heads"), 0, f"{HF_VISION}.num_attention_heads must be an integer in [1, "),
+    (("vision_config", "num_attention_heads"), 5, f"{HF_VISION}.num_attention_heads must divide the width"),
+    (("vision_config", "patch_size"), 0, f"{HF_VISION}.patch_size must be an integer in [1, "),
+    (("vision_config", "hidden_size"), -8, f"{HF_VISION}.hidden_size must be an integer in [1, 65536], got -8"),
+    (("vision_config", "intermediate_size"), 0, f"{HF_VISION}.intermediate_size must be an integer in [1, "),
+    (("vision_config", "num_channels"), 1, f"{HF_VISION}.num_channels must be an integer in [3, 3], got 1"),
+    (("text_config", "num_hidden_layers"), 0, "base.clip_config.text_config.num_hidden_layers must be an integer"),
+    (("text_config", "vocab_size"), -1, "base.clip_config.text_config.vocab_size must be an integer"),
+    (("projection_dim",), 0, "base.clip_config.projection_dim must be an integer in [1, 65536], got 0"),
+])
+def test_hf_export_config_widths_are_checked(tmp_path, path, value, expected):
+    """A transformers export's CLIPConfig read back: zero / negative / uneven widths are one line each."""
+    model = _hf_dir(tmp_path)
+    out = export_pruned(model, full_masks(model), tmp_path / "pruned")
+    config = json.loads((out / "config.json").read_text())
+    node = config["base"]["clip_config"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClipPruneError) as info:
+        load_pruned(out)
+    assert str(info.value).startswith(f"{out / 'config.json'}: {expected}"), str(info.value)

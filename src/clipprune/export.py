@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from .errors import ClipPruneError, ModelLoadError
-from .io import atomic_dir, save_safetensors
+from .io import atomic_dir, read_safetensors, save_safetensors
 from .models.base import ClipModel
 from .models.masks import validate_masks
 from .models.prune import prune_in_place, prune_model
@@ -71,6 +71,14 @@ def export_pruned(model: ClipModel, masks: Mapping[str, torch.Tensor] | None, ou
     return out_dir
 
 
+def state_dtypes(model: ClipModel) -> dict[str, torch.dtype]:
+    """``{state-dict key: dtype}`` of ``model``: what a weights file for it must hold (``read_safetensors``).
+
+    ``load_state_dict`` would silently cast an integer or half tensor into a float parameter.
+    """
+    return {key: value.dtype for key, value in model.module.state_dict().items()}
+
+
 def _masks_for_layout(model: ClipModel, towers: dict, config_path: Path) -> dict[str, torch.Tensor]:
     """Binary masks over the dense ``model`` that reproduce the stored per-layer widths."""
     masks = {}
@@ -109,7 +117,7 @@ def _build_dense(base: dict, name: str, out_dir: Path) -> ClipModel:
 
     family = base.get("family")
     if family == "open_clip":
-        return OpenClipModel.from_config(base, name)
+        return OpenClipModel.from_config(base, name, prefix="base.")
     if family == "hf":
         tokenizer = None
         tok_dir = out_dir / TOKENIZER_DIR
@@ -120,14 +128,12 @@ def _build_dense(base: dict, name: str, out_dir: Path) -> ClipModel:
                 tokenizer = HFTokenizer(CLIPTokenizerFast.from_pretrained(str(tok_dir)), int(base["context_length"]))
             except Exception as err:
                 raise ModelLoadError(f"{tok_dir}: tokenizer files are unreadable ({err})") from err
-        return HFClipModel.from_config(base, name, tokenizer=tokenizer)
+        return HFClipModel.from_config(base, name, tokenizer=tokenizer, prefix="base.")
     raise ClipPruneError(f"{out_dir / CONFIG_NAME}: base.family must be 'open_clip' or 'hf', got {family!r}")
 
 
 def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
     """Rebuild a model written by ``export_pruned`` (offline), in eval mode on ``device``."""
-    from safetensors.torch import load_file
-
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -149,10 +155,9 @@ def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         raise ClipPruneError(f"{config_path}: {err}") from err
     masks = _masks_for_layout(model, config["towers"], config_path)
     prune_in_place(model, masks)
-    try:
-        state = load_file(str(weights_path))
-    except Exception as err:
-        raise ClipPruneError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    expected = state_dtypes(model)
+    state, _ = read_safetensors(weights_path, error=ClipPruneError,
+                                dtypes={**expected, "*": tuple(set(expected.values()))})  # unknown keys: below
     try:
         model.module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from ..errors import ClipPruneError
-from ..io import save_safetensors
+from ..io import read_safetensors, save_safetensors
 
 FORMAT = "clipprune-distill-checkpoint"
 FORMAT_VERSION = 1
@@ -97,16 +97,9 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, fingerprint
 
 def load_checkpoint(path: str | os.PathLike, fingerprint: str) -> Checkpoint:
     """Read a checkpoint; CheckpointError (one line naming the file) if it is corrupt or from another run."""
-    from safetensors import safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own types for bad headers / short files
-        detail = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"{path}: corrupt or truncated ({detail}); expected {_EXPECTED}") from None
+    tensors, meta = read_safetensors(path, error=CheckpointError, unreadable="corrupt or truncated",
+                                     suffix=f"; expected {_EXPECTED}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: header format is {meta.get('format')!r}, expected {_EXPECTED}")
     try:
@@ -149,6 +142,8 @@ def check_against(path: Path, checkpoint: Checkpoint, model: Mapping[str, torch.
             raise CheckpointError(f"{path}: {kind} tensors differ from this run's (missing {missing}, unexpected "
                                   f"{extra}); expected {_EXPECTED}")
         for name, tensor in live.items():
-            if tuple(stored[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{path}: {kind}/{name} has shape {list(stored[name].shape)}, expected "
-                                      f"{list(tensor.shape)}; expected {_EXPECTED}")
+            if tuple(stored[name].shape) != tuple(tensor.shape) or stored[name].dtype != tensor.dtype:
+                raise CheckpointError(f"{path}: {kind}/{name} has shape {list(stored[name].shape)} "
+                                      f"({str(stored[name].dtype).removeprefix('torch.')}), expected "
+                                      f"{list(tensor.shape)} ({str(tensor.dtype).removeprefix('torch.')}); "
+                                      f"expected {_EXPECTED}")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from ..io import save_safetensors
+from ..io import FLOATING, read_safetensors, save_safetensors
 from ..models.base import ClipModel
 from .zeroshot import (Template, classifier_from_embeddings, encode_tokens, model_device, prompt_texts,
                        tokenize_texts)
@@ -182,15 +182,12 @@ def save_text_embeddings(path: str | os.PathLike, embeddings: TextEmbeddings) ->
 
 def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
     """Read a file written by :func:`save_text_embeddings` (DataError naming the file if it is not one)."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: text embeddings file not found")
+    tensors, metadata = read_safetensors(path, error=DataError, unreadable="not a readable text embeddings file",
+                                         dtypes={"*": FLOATING})
     try:
-        with safe_open(path, framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format is {metadata.get('format')!r}, expected {FORMAT!r}")
         fingerprint = json.loads(metadata["fingerprint"])
@@ -198,7 +195,7 @@ def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
         metas = json.loads(metadata["entries"])
         if set(metas) != set(tensors):
             raise ValueError("entry metadata and tensors disagree")
-    except Exception as err:  # safetensors raises its own error types for corrupt files
+    except (KeyError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise DataError(f"{path}: not a readable text embeddings file ({err})") from None
     return TextEmbeddings(fingerprint, batch_size, {key: (metas[key], tensors[key]) for key in sorted(tensors)},
                           source=path)

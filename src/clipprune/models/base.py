@@ -12,11 +12,14 @@ Either may be ``None`` for a block whose attention / MLP sub-block was pruned aw
 from __future__ import annotations
 
 import copy as _copy
+import math
 from dataclasses import dataclass, asdict
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import ModelLoadError
 
 TOWERS = ("vision", "text")
 
@@ -202,3 +205,73 @@ class ClipModel:
     def tower_param_count(self, tower: str) -> int:
         """Parameters of one tower's encoder (embeddings and projection included)."""
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------ widths read back from config files
+# Upper bounds for the widths a config file may ask for: far above any CLIP (ViT-bigG: width 1664, 48
+# layers, MLP 8192; vocabularies ~250k), low enough that building the module cannot exhaust memory.
+MAX_WIDTH = 2**16          # residual / embedding / head widths, MLP widths
+MAX_LAYERS = 1024
+MAX_VOCAB = 2**21
+MAX_IMAGE_SIDE = 8192      # = the side of data.images.MAX_IMAGE_PIXELS
+MAX_CONTEXT = 2**16
+MAX_MLP_RATIO = 64
+MAX_PARAMS = 2**32         # of the whole architecture (ViT-bigG-14 has 2.5e9): 16 GiB in float32
+
+
+def check_encoder_widths(key: str, *, width: tuple, heads: tuple, layers: tuple, mlp: tuple) -> int:
+    """Check one transformer tower's widths; returns its parameter count (roughly: the blocks only).
+
+    Each argument is ``(value, field name in the config)``; ModelLoadError names ``key`` + the field.
+    ``heads`` is a head count, or a head width when its field is ``head_width`` (open_clip's vision tower);
+    ``mlp`` is the MLP width, or a ratio of the width when its field is ``mlp_ratio``.
+    """
+    w = config_int(width[0], f"{key}{width[1]}", MAX_WIDTH)
+    config_divides(w, config_int(heads[0], f"{key}{heads[1]}", w), f"{key}{heads[1]}")
+    n = config_int(layers[0], f"{key}{layers[1]}", MAX_LAYERS)
+    if mlp[1] == "mlp_ratio":
+        neurons = int(w * config_number(mlp[0], f"{key}{mlp[1]}", MAX_MLP_RATIO))
+        if neurons < 1:
+            raise ModelLoadError(f"{key}{mlp[1]} must give an MLP of at least one neuron, got {mlp[0]!r} x {w}")
+    else:
+        neurons = config_int(mlp[0], f"{key}{mlp[1]}", MAX_WIDTH * MAX_MLP_RATIO)
+    return n * (4 * w * w + 2 * w * neurons)
+
+
+def check_param_budget(params: int, key: str) -> None:
+    if params > MAX_PARAMS:
+        raise ModelLoadError(f"{key} describes about {params:.3g} parameters, more than the {MAX_PARAMS:.3g} "
+                             f"any supported CLIP needs (MAX_PARAMS, clipprune/models/base.py)")
+
+
+def config_int(value, key: str, upper: int, lower: int = 1) -> int:
+    """``value`` if it is an integer in ``[lower, upper]``, else ModelLoadError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
+        raise ModelLoadError(f"{key} must be an integer in [{lower}, {upper}], got {value!r}")
+    return value
+
+
+def config_number(value, key: str, upper: float) -> float:
+    """``value`` if it is a finite number in ``(0, upper]``, else ModelLoadError naming ``key``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= upper  # NaN fails
+    if not ok:
+        raise ModelLoadError(f"{key} must be a number in (0, {upper:g}], got {value!r}")
+    return float(value)
+
+
+def config_divides(width: int, heads: int, key: str) -> None:
+    if width % heads:
+        raise ModelLoadError(f"{key} must divide the width {width} evenly, got {heads}")
+
+
+def check_preprocess_config(config: dict, prefix: str = "") -> None:
+    """ModelLoadError naming the key unless image size, mean and std of an export config make sense."""
+    config_int(config.get("image_size"), f"{prefix}image_size", MAX_IMAGE_SIDE)
+    for key in ("image_mean", "image_std"):
+        values = config.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                and (key == "image_mean" or all(v > 0 for v in values))):
+            what = "positive " if key == "image_std" else ""
+            raise ModelLoadError(f"{prefix}{key} must be a list of 3 finite {what}numbers (one per RGB "
+                                 f"channel), got {values!r}")

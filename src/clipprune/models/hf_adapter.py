@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import BlockLayout, ClipModel, EncoderTower, Tower
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, BlockLayout, ClipModel, EncoderTower, Tower,
+                   check_encoder_widths, check_param_budget, check_preprocess_config, config_int)
 
 HF_LAYOUT = BlockLayout(attn="self_attn", mlp="mlp", fc1="fc1", fc2="fc2")
 
@@ -87,15 +88,22 @@ class HFClipModel(ClipModel):
         self.towers = self._make_towers()
 
     @classmethod
-    def from_config(cls, config: dict, name: str, tokenizer: Callable | None = None) -> "HFClipModel":
-        """Random-initialised model of the architecture described by an export config (no download)."""
+    def from_config(cls, config: dict, name: str, tokenizer: Callable | None = None,
+                    prefix: str = "") -> "HFClipModel":
+        """Random-initialised model of the architecture described by an export config (no download).
+
+        ModelLoadError naming the key (under ``prefix``) for a width or preprocessing value that makes no sense.
+        """
         from transformers import CLIPConfig, CLIPModel
 
+        check_preprocess_config(config, prefix)
+        config_int(config.get("context_length"), f"{prefix}context_length", MAX_CONTEXT)
+        check_clip_config(config.get("clip_config"), f"{prefix}clip_config")
         try:
-            clip_config = CLIPConfig.from_dict(copy.deepcopy(config["clip_config"]))
-            module = CLIPModel(clip_config)
-        except (TypeError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"{name}: invalid CLIPConfig ({type(err).__name__}: {err})") from err
+            module = CLIPModel(CLIPConfig.from_dict(copy.deepcopy(config["clip_config"])))
+        except Exception as err:  # TypeError, ValueError, transformers' own validation errors
+            detail = " ".join(str(err).split())[:200]
+            raise ModelLoadError(f"{name}: invalid CLIPConfig ({type(err).__name__}: {detail})") from None
         return cls(module.eval(), name, config, tokenizer=tokenizer)
 
     def _make_towers(self) -> dict[str, Tower]:
@@ -129,6 +137,43 @@ class HFClipModel(ClipModel):
         else:
             raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
         return sum(p.numel() for part in parts for p in part.parameters())
+
+
+def check_clip_config(clip_config, prefix: str = "clip_config") -> None:
+    """ModelLoadError naming the key unless every width of a ``CLIPConfig`` dict is usable.
+
+    Checked on the dict, before transformers sees it (its own checks divide by the head count); a key the
+    dict lacks takes transformers' default.
+    """
+    from types import SimpleNamespace
+
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    if not isinstance(clip_config, dict):
+        raise ModelLoadError(f"{prefix} must be a mapping, got {type(clip_config).__name__}")
+    parts = {}
+    for part, cls in (("vision_config", CLIPVisionConfig), ("text_config", CLIPTextConfig)):
+        raw = clip_config.get(part) or {}
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{prefix}.{part} must be a mapping, got {type(raw).__name__}")
+        parts[part] = SimpleNamespace(**{**cls().to_dict(), **raw})
+    clip_config = SimpleNamespace(projection_dim=clip_config.get("projection_dim", CLIPConfig().projection_dim),
+                                  **parts)
+    params = config_int(clip_config.projection_dim, f"{prefix}.projection_dim", MAX_WIDTH)
+    for part in ("vision_config", "text_config"):
+        cfg, key = getattr(clip_config, part), f"{prefix}.{part}."
+        params += check_encoder_widths(key, width=(cfg.hidden_size, "hidden_size"),
+                                       heads=(cfg.num_attention_heads, "num_attention_heads"),
+                                       layers=(cfg.num_hidden_layers, "num_hidden_layers"),
+                                       mlp=(cfg.intermediate_size, "intermediate_size"))
+    vision, key = clip_config.vision_config, f"{prefix}.vision_config."
+    image = config_int(vision.image_size, f"{key}image_size", MAX_IMAGE_SIDE)
+    config_int(vision.patch_size, f"{key}patch_size", image)
+    config_int(vision.num_channels, f"{key}num_channels", 3, lower=3)
+    text, key = clip_config.text_config, f"{prefix}.text_config."
+    config_int(text.max_position_embeddings, f"{key}max_position_embeddings", MAX_CONTEXT)
+    params += config_int(text.vocab_size, f"{key}vocab_size", MAX_VOCAB) * text.hidden_size
+    check_param_budget(params, prefix)
 
 
 def default_export_config(module: nn.Module, image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN,

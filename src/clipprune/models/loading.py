@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelLoadError
+from ..io import FLOATING, read_safetensors
 from ..model_files import (check_model_files, fixture_files, fixtures_root, hf_directory, parse_open_clip,
                            resolve_model_files, split_name)
 from .base import ClipModel
@@ -57,25 +58,29 @@ def _refused_pickle(err: BaseException) -> bool:
     return False
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict, floating tensors cast to float32 (fixtures may be stored in float16)."""
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Load a state dict for ``module``, floating tensors cast to float32 (fixtures may be stored in float16).
 
-    try:
-        state = load_file(str(path))
-    except Exception as err:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({_first_line(err)})") from err
+    A tensor for a floating parameter or buffer must be floating (``load_state_dict`` would cast integers
+    silently); names the module lacks (a state dict of the adapted model) must be floating too.
+    """
+    dtypes = {key: FLOATING if value.is_floating_point() else value.dtype
+              for key, value in module.state_dict().items()}
+    state, _ = read_safetensors(path, error=ModelLoadError, dtypes={**dtypes, "*": FLOATING})
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _load_fixture(spec: str, device: str) -> ClipModel:
-    from .open_clip_adapter import OpenClipModel, build_open_clip_module
+    from .base import MAX_CONTEXT, check_preprocess_config, config_int
+    from .open_clip_adapter import OpenClipModel, build_open_clip_module, check_model_cfg
 
     config_path, weights_path = fixture_files(spec)
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{config_path}: invalid JSON ({_first_line(err)})") from err
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("family", "open_clip") != "open_clip":
         raise ModelLoadError(f"{config_path}: family must be 'open_clip', got {raw.get('family')!r}")
     for key in ("model_cfg", "image_mean", "image_std"):
@@ -83,26 +88,35 @@ def _load_fixture(spec: str, device: str) -> ClipModel:
             raise ModelLoadError(f"{config_path}: missing key {key!r}")
     model_cfg = raw["model_cfg"]
     try:
+        check_model_cfg(model_cfg)
         image_size = model_cfg["vision_cfg"]["image_size"]
-        context_length = model_cfg["text_cfg"]["context_length"]
+        context_length = config_int(model_cfg["text_cfg"]["context_length"], "model_cfg.text_cfg.context_length",
+                                    MAX_CONTEXT)
     except (KeyError, TypeError) as err:
         raise ModelLoadError(f"{config_path}: model_cfg needs vision_cfg.image_size and "
                              f"text_cfg.context_length") from err
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{config_path}: {err}") from None
     config = {
         "family": "open_clip",
         "model_cfg": model_cfg,
-        "image_size": int(image_size),
-        "image_mean": list(raw["image_mean"]),
-        "image_std": list(raw["image_std"]),
+        "image_size": image_size if isinstance(image_size, int) else None,  # a [h, w] pair: refused below
+        "image_mean": raw["image_mean"],
+        "image_std": raw["image_std"],
         "interpolation": raw.get("interpolation"),
         "resize_mode": raw.get("resize_mode"),
-        "tokenizer": {"arch": None, "context_length": int(context_length)},
+        "tokenizer": {"arch": None, "context_length": context_length},
     }
+    try:
+        check_preprocess_config(config)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{config_path}: {err}") from None
+    config["image_mean"], config["image_std"] = list(config["image_mean"]), list(config["image_std"])
     try:
         module = build_open_clip_module(model_cfg)
     except ModelLoadError as err:
         raise ModelLoadError(f"{config_path}: {err}") from err
-    state = _read_safetensors(weights_path)
+    state = _read_safetensors(weights_path, module)
     # plain open_clip state dicts hold attn.in_proj_weight; one saved from an adapted model holds attn.q_proj.*
     adapted = any(".attn.q_proj." in key for key in state)
     model = OpenClipModel(module.eval(), f"fixture:{spec}", config) if adapted else None

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from ..errors import MaskError, ParamError
-from ..io import save_safetensors
+from ..io import read_safetensors, save_safetensors
 from .base import TOWERS, ClipModel
 
 KINDS = ("head", "neuron")
@@ -103,6 +103,22 @@ def validate_masks(model: ClipModel, masks: Mapping[str, torch.Tensor], name: st
             if width < expected[1] and bool((values[layer, width:] != 0).any()):
                 raise MaskError(f"{name}: {key} layer {layer} has only {width} units, "
                                 f"but nonzero entries past column {width}")
+
+
+def check_scales(masks: Mapping[str, torch.Tensor], name: str, max_scale: float) -> None:
+    """MaskError naming ``name`` unless every entry is 0, 1 or a scale within ``[-max_scale, max_scale]``.
+
+    That is what the tune stage writes: least squares keeps the binary mask of a sub-block whose scales
+    leave the range (``tune.max_scale``), so a mask read back with larger entries was not written by it.
+    """
+    for key, mask in masks.items():
+        values = mask.detach().float()
+        outside = (values.abs() > max_scale) & (values != 1)  # NaN compares False: validate_masks refuses it
+        if bool(outside.any()):
+            layer, unit = (int(i) for i in outside.nonzero()[0][-2:])  # [layers, units] (validated)
+            raise MaskError(f"{name}: {key} layer {layer} unit {unit} holds the scale {float(values[layer, unit]):.4g}, "
+                            f"outside [-{max_scale:g}, {max_scale:g}] (tune.max_scale); expected 0, 1 or a scale "
+                            f"within it")
 
 
 def _head_hook(mask: torch.Tensor, layer: int, head_dim: int):
@@ -250,17 +266,12 @@ def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metad
 
 def load_masks(path: str | os.PathLike, with_metadata: bool = False):
     """Read masks written by ``save_masks``; returns the dict, or ``(masks, metadata)`` if asked."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MaskError(f"{path}: mask file not found")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            masks = {key: handle.get_tensor(key) for key in handle.keys()}
-            raw_meta = handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise MaskError(f"{path}: not a readable safetensors mask file ({err})") from err
+    # save_masks writes float32 only: an integer or half-precision mask file was not written by it
+    masks, raw_meta = read_safetensors(path, error=MaskError, unreadable="not a readable safetensors mask file",
+                                       dtypes={"*": torch.float32})
     for key in masks:
         try:
             parse_mask_key(key)

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .attention import MultiHeadSelfAttention
-from .base import BlockLayout, ClipModel, EncoderTower, Tower
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, BlockLayout, ClipModel, EncoderTower, Tower,
+                   check_encoder_widths, check_param_budget, check_preprocess_config, config_int)
 
 OPEN_CLIP_LAYOUT = BlockLayout(attn="attn", mlp="mlp", fc1="c_fc", fc2="c_proj")
 
@@ -68,10 +69,61 @@ def convert_attention(module: nn.Module) -> int:
     return converted
 
 
-def build_open_clip_module(model_cfg: dict) -> nn.Module:
-    """Random-initialised open_clip model from a model config (as in open_clip's model_configs/*.json)."""
+def _sides(value, key: str) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return config_int(value[0], f"{key}[0]", MAX_IMAGE_SIDE), config_int(value[1], f"{key}[1]", MAX_IMAGE_SIDE)
+    side = config_int(value, key, MAX_IMAGE_SIDE)
+    return side, side
+
+
+def check_model_cfg(model_cfg, prefix: str = "model_cfg") -> None:
+    """ModelLoadError naming the key unless every width of an open_clip ViT model config is usable.
+
+    Zero or negative widths, head widths, patch sizes and the like would divide by zero or fail deep inside
+    open_clip; widths are bounded so that building the architecture cannot exhaust memory.
+    """
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    if not isinstance(model_cfg, dict):
+        raise ModelLoadError(f"{prefix} must be a mapping, got {type(model_cfg).__name__}")
+    config_int(model_cfg.get("embed_dim"), f"{prefix}.embed_dim", MAX_WIDTH)
+    parsed = {}
+    for part, cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        raw = model_cfg.get(part, {})
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{prefix}.{part} must be a mapping, got {type(raw).__name__}")
+        try:
+            parsed[part] = cls(**raw)
+        except TypeError as err:
+            raise ModelLoadError(f"{prefix}.{part}: {err}") from None
+    vision, text = parsed["vision_cfg"], parsed["text_cfg"]
+    key = f"{prefix}.vision_cfg."
+    if isinstance(vision.layers, (list, tuple)) or vision.timm_model_name:
+        raise ModelLoadError(f"{prefix}.vision_cfg: only ViT vision towers (open_clip VisionTransformer) can be pruned, not "
+                             f"ResNet/timm towers (layers {vision.layers!r}, timm_model_name "
+                             f"{vision.timm_model_name!r})")
+    params = check_encoder_widths(key, width=(vision.width, "width"), heads=(vision.head_width, "head_width"),
+                                  layers=(vision.layers, "layers"), mlp=(vision.mlp_ratio, "mlp_ratio"))
+    image, patch = _sides(vision.image_size, f"{key}image_size"), _sides(vision.patch_size, f"{key}patch_size")
+    if patch[0] > image[0] or patch[1] > image[1]:
+        raise ModelLoadError(f"{key}patch_size {vision.patch_size} must not exceed image_size {vision.image_size}")
+    if text.hf_model_name is None:  # a transformers text tower brings its own config
+        key = f"{prefix}.text_cfg."
+        params += check_encoder_widths(key, width=(text.width, "width"), heads=(text.heads, "heads"),
+                                       layers=(text.layers, "layers"), mlp=(text.mlp_ratio, "mlp_ratio"))
+        config_int(text.context_length, f"{key}context_length", MAX_CONTEXT)
+        params += config_int(text.vocab_size, f"{key}vocab_size", MAX_VOCAB) * text.width
+    check_param_budget(params, prefix)
+
+
+def build_open_clip_module(model_cfg: dict, prefix: str = "model_cfg") -> nn.Module:
+    """Random-initialised open_clip model from a model config (as in open_clip's model_configs/*.json).
+
+    The config is checked first (``check_model_cfg``; ``prefix`` is its key in messages).
+    """
     from open_clip.model import CLIP, CustomTextCLIP
 
+    check_model_cfg(model_cfg, prefix)
     cfg = copy.deepcopy(model_cfg)
     custom_text = cfg.pop("custom_text", False)
     if "multimodal_cfg" in cfg:
@@ -160,9 +212,17 @@ class OpenClipModel(ClipModel):
         self.towers = self._make_towers()
 
     @classmethod
-    def from_config(cls, config: dict, name: str) -> "OpenClipModel":
-        """Random-initialised model of the architecture described by an export config (no download)."""
-        return cls(build_open_clip_module(config["model_cfg"]), name, config)
+    def from_config(cls, config: dict, name: str, prefix: str = "") -> "OpenClipModel":
+        """Random-initialised model of the architecture described by an export config (no download).
+
+        ModelLoadError naming the key (under ``prefix``) for a width or preprocessing value that makes no sense.
+        """
+        check_preprocess_config(config, prefix)
+        tokenizer = config.get("tokenizer")
+        if not isinstance(tokenizer, dict):
+            raise ModelLoadError(f"{prefix}tokenizer must be a mapping, got {type(tokenizer).__name__}")
+        config_int(tokenizer.get("context_length"), f"{prefix}tokenizer.context_length", MAX_CONTEXT)
+        return cls(build_open_clip_module(config.get("model_cfg"), f"{prefix}model_cfg"), name, config)
 
     def _make_towers(self) -> dict[str, Tower]:
         visual = self.module.visual

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from clipprune.data.calibration import read_calibration
 from clipprune.data.coco import CocoCaptions, collate_image_caption_pairs
 from clipprune.errors import ClipPruneError, ParamError
-from clipprune.io import save_safetensors
+from clipprune.io import read_safetensors, save_safetensors
 from clipprune.models.base import ClipModel
 
 from .losses import get_loss
@@ -84,17 +84,13 @@ def save_scores(path: str | os.PathLike, result: ScoreResult, metadata: Mapping 
 
 def load_scores(path: str | os.PathLike) -> ScoreResult:
     """Read a file written by ``save_scores`` (ClipPruneError naming the file if it is missing or corrupt)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ClipPruneError(f"{path}: scores file not found (run the score stage)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            raw_meta = handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ClipPruneError(f"{path}: not a readable safetensors scores file ({err})") from err
+    # save_scores writes float32 only: integer scores would be ranked (and ties broken) differently
+    tensors, raw_meta = read_safetensors(path, error=ClipPruneError,
+                                         unreadable="not a readable safetensors scores file",
+                                         dtypes={"*": torch.float32})
     meta = {}
     for key, value in raw_meta.items():
         try:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clipprune.errors import ClipPruneError, ModelLoadError
-from clipprune.io import atomic_dir, safetensors_bytes, save_safetensors
+from clipprune.io import FLOATING, atomic_dir, read_safetensors, safetensors_bytes, save_safetensors
 from clipprune.models.base import ClipModel
 
 FORMAT = "clipprune-sparse"
@@ -50,6 +50,8 @@ def pack_sparse(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack_sparse(bits: torch.Tensor, values: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`pack_sparse`; ValueError when the parts do not fit ``shape``."""
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"shape {shape} is not a list of non-negative integers")
     numel = int(np.prod(shape)) if len(shape) else 1
     if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
         raise ValueError(f"bitmask holds {bits.numel()} bytes, expected {(numel + 7) // 8}")
@@ -108,9 +110,7 @@ def save_sparse(model: ClipModel, sparse_keys: Iterable[str], out_dir: str | os.
 
 def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
     """Rebuild the dense-shaped model written by :func:`save_sparse` (offline), eval mode, on ``device``."""
-    from safetensors.torch import load_file
-
-    from clipprune.export import _build_dense
+    from clipprune.export import _build_dense, state_dtypes
 
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
@@ -127,10 +127,8 @@ def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
     if not isinstance(config.get("base"), dict) or not isinstance(config.get("sparse"), dict):
         raise ClipPruneError(f"{config_path}: missing or malformed 'base' / 'sparse'")
     model = _build_dense(config["base"], f"sparse:{out_dir}", out_dir)
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:
-        raise ClipPruneError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    tensors, _ = read_safetensors(weights_path, error=ClipPruneError, dtypes={
+        **state_dtypes(model), f"*{MASK_SUFFIX}": torch.uint8, f"*{VALUES_SUFFIX}": FLOATING})
     state = expand_tensors(tensors, config["sparse"], str(weights_path))
     try:
         model.module.load_state_dict(state, strict=True)
@@ -148,21 +146,27 @@ def dense_size_bytes(model: ClipModel) -> int:
 
 def read_target(path: str | os.PathLike, name: str) -> tuple[dict, dict]:
     """(``{layer: weight}`` of one target, the file's metadata) from the sparse_prune stage's output."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ClipPruneError(f"{path}: not found (run the sparse_prune stage)")
+    prefix = f"{name}/"
+    tensors, raw_meta = read_safetensors(path, error=ClipPruneError, unreadable="not a readable sparse_prune output",
+                                         dtypes={f"*{MASK_SUFFIX}": torch.uint8, "*": FLOATING},
+                                         keys=lambda key: key.startswith(prefix))
+    tensors = {key[len(prefix):]: tensor for key, tensor in tensors.items()}
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-            prefix = f"{name}/"
-            tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise ClipPruneError(f"{path}: not a readable sparse_prune output ({err})") from err
-    if name not in meta.get("targets", []):
-        raise ClipPruneError(f"{path}: holds targets {meta.get('targets')}, not {name} (rerun sparse_prune)")
-    sparse = {layer: {"shape": shape, "dtype": "float32"} for layer, shape in meta["shapes"].items()}
+        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    except json.JSONDecodeError as err:
+        raise ClipPruneError(f"{path}: not a readable sparse_prune output (metadata: {err})") from None
+    targets, shapes, method = meta.get("targets"), meta.get("shapes"), meta.get("meta")
+    state_keys = method.get("state_keys") if isinstance(method, dict) else None
+    if not (isinstance(targets, list) and isinstance(shapes, dict) and isinstance(state_keys, dict)
+            and set(shapes) <= set(state_keys)):
+        raise ClipPruneError(f"{path}: metadata needs 'targets' (a list), 'shapes' and 'meta.state_keys' "
+                             f"(mappings over the same layers); rerun sparse_prune")
+    if name not in targets:
+        raise ClipPruneError(f"{path}: holds targets {targets}, not {name} (rerun sparse_prune)")
+    sparse = {layer: {"shape": shape, "dtype": "float32"} for layer, shape in shapes.items()}
     return expand_tensors(tensors, sparse, str(path)), meta
 
 
