@@ -323,3 +323,15 @@ def test_errors_of_reading_inputs_inside_a_write_are_not_output_errors(tmp_path)
         with atomic_path(tmp_path / "out" / "x.json"):
             raise PermissionError(errno.EACCES, "Permission denied", str(elsewhere / "secret"))
     assert not (tmp_path / "out.json").exists()
+
+
+def test_files_written_into_a_staged_folder_are_there_before_the_commit(tmp_path):
+    """Inside a group, an atomic_dir's own files go straight into its temporary (they are private to it)."""
+    with commit_together():
+        with atomic_dir(tmp_path / "model") as tmp:
+            save_safetensors(tmp / "model.safetensors", {"w": torch.ones(2)})
+            write_json(tmp / "config.json", {"k": 1})
+        assert not (tmp_path / "model").exists()
+        assert sorted(p.name for p in staged(tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

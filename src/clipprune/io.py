@@ -104,8 +104,15 @@ def _output_errors(target: Path) -> Iterator[None]:
 _GROUP = threading.local()  # ``staged``: {target: finished temporary} of the open commit_together block
 
 
-def _staging() -> dict | None:
-    return getattr(_GROUP, "staged", None)
+def _staging(target: Path | None = None) -> dict | None:
+    """The open group's staged outputs; None outside a group, or for a ``target`` inside a temporary of this
+    process (e.g. a file of an ``atomic_dir`` being written): that one is private until its folder is renamed."""
+    group = getattr(_GROUP, "staged", None)
+    if group is None or target is None:
+        return group
+    mine = f".{os.getpid()}."
+    inside = any(part.startswith(".") and part.endswith(".tmp") and mine in part for part in target.parent.parts)
+    return None if inside else group
 
 
 def staged(target: str | os.PathLike) -> Path:
@@ -191,12 +198,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             yield tmp_path
             if tmp_path.exists():  # mkstemp makes owner-only files; give the output the usual umask mode
                 os.chmod(tmp_path, 0o666 & ~_umask())
-            if _staging() is not None:
+            if _staging(target) is not None:
                 _stage(target, tmp_path)
                 return
             os.replace(tmp_path, target)
     finally:
-        if _staging() is None or _staging().get(target) != tmp_path:
+        if _staging(target) is None or _staging(target).get(target) != tmp_path:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
 
@@ -213,12 +220,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         with _output_errors(target):
             yield tmp_path
             os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
-            if _staging() is not None:
+            if _staging(target) is not None:
                 _stage(target, tmp_path)
                 return
             _commit_all({target: tmp_path})  # the old directory is moved aside, then removed
     finally:
-        if (_staging() is None or _staging().get(target) != tmp_path) and tmp_path.exists():
+        if (_staging(target) is None or _staging(target).get(target) != tmp_path) and tmp_path.exists():
             shutil.rmtree(tmp_path)
 
 
