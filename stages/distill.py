@@ -13,7 +13,7 @@ from clipprune.distill import (DistillPaths, check_resumable, distill_config, la
                                under_torchrun, write_disabled_logs)
 from clipprune.distill.live import LiveLogger
 from clipprune.errors import ClipPruneError
-from clipprune.io import write_json
+from clipprune.io import commit_together, write_json
 
 PRUNED = Path("artifacts/models/pruned")
 OUT = Path("artifacts/models/distilled")
@@ -30,9 +30,10 @@ def main(params: dict) -> None:
                          train_images=p.data.path("train_images"), train_captions=p.data.path("train_captions"))
     start = time.perf_counter()
     if not config.enabled:
-        passthrough(PRUNED, OUT)
-        write_disabled_logs(LOGS)
-        write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "enabled": False})
+        with commit_together():  # model, logs and timing: all or none
+            passthrough(PRUNED, OUT)
+            write_disabled_logs(LOGS)
+            write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "enabled": False})
         print(f"distill: disabled; copied {PRUNED} to {OUT}")
         return
     if not under_torchrun():

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from _common import run_stage
 from clipprune.config import parse_params
-from clipprune.io import write_json
+from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_criteria, available_losses, calibration_loader, get_criterion, save_scores, \
     score_model
@@ -31,8 +31,9 @@ def main(params: dict) -> None:
     result.meta.pop("wall_time_s", None)  # timings go to reports/timing/: the artifact stays byte-identical
     # keys a criterion did not score (taylor_entropy: heads) are left out: searches keep those units whole
     result.scores = scored_only(result.scores, result.meta)
-    save_scores(OUT, result, {"model": model_name, "calibration": str(CALIBRATION), "batch_size": batch_size})
-    write_json(TIMING, {"wall_time_s": meta["wall_time_s"], "samples": meta["num_samples"]})
+    with commit_together():
+        save_scores(OUT, result, {"model": model_name, "calibration": str(CALIBRATION), "batch_size": batch_size})
+        write_json(TIMING, {"wall_time_s": meta["wall_time_s"], "samples": meta["num_samples"]})
     print(f"score: {criterion} on {meta['num_samples']} samples in {meta['wall_time_s']:.1f} s; wrote {OUT}")
 
 

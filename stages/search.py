@@ -10,7 +10,7 @@ from pathlib import Path
 from _common import run_stage
 from clipprune.config import parse_params
 from clipprune.errors import MaskError
-from clipprune.io import write_json
+from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
 from clipprune.models.masks import full_masks, save_masks
 from clipprune.scoring import load_scores
@@ -54,11 +54,12 @@ def main(params: dict) -> None:
     wall = time.perf_counter() - start
     summary = mask_summary(masks, views, metric)
     used = not search.needs_model
-    save_masks(OUT, masks, {"method": method, "metric": metric, "constraint": constraint if used else None,
-                            "summary": summary, **extra})
-    write_json(TRACE, trace)
-    plot_trace(trace, PLOT)
-    write_json(TIMING, {"wall_time_s": wall})
+    with commit_together():  # masks, trace, plot and timing: all or none
+        save_masks(OUT, masks, {"method": method, "metric": metric, "constraint": constraint if used else None,
+                                "summary": summary, **extra})
+        write_json(TRACE, trace)
+        plot_trace(trace, PLOT)
+        write_json(TIMING, {"wall_time_s": wall})
     budget = f"constraint {constraint}" if used else f"loss_inc_thresh {extra['loss_inc_thresh']}, constraint unused"
     print(f"search: {method} kept {summary['kept_fraction']:.4f} of the prunable {metric} cost ({budget}); "
           f"wrote {OUT}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from _common import run_stage
 from clipprune.config import parse_params
-from clipprune.io import save_safetensors, write_json
+from clipprune.io import commit_together, save_safetensors, write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_losses, calibration_loader
 from clipprune.sparsity import available_methods, get_method, sparsify, sparsity_config, target_name
@@ -41,9 +41,10 @@ def main(params: dict) -> None:
     metadata = {"config": config.as_dict(), "meta": meta, "model": model_name, "seed": seed,
                 "targets": [target_name(t) for t in result.weights],
                 "shapes": {n: list(w.shape) for n, w in next(iter(result.weights.values())).items()}}
-    save_safetensors(OUT, tensors, {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()})
-    write_json(TIMING, {"wall_time_s": wall, "num_grads_used": meta.get("num_grads_used"),
-                        "calibration_passes": meta.get("calibration_passes")})
+    with commit_together():
+        save_safetensors(OUT, tensors, {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+        write_json(TIMING, {"wall_time_s": wall, "num_grads_used": meta.get("num_grads_used"),
+                            "calibration_passes": meta.get("calibration_passes")})
     print(f"sparse_prune: {config.method} ({config.mask.name}) at {', '.join(metadata['targets'])} in "
           f"{wall:.1f} s; wrote {OUT}")
 

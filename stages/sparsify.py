@@ -20,7 +20,7 @@ from clipprune.evaluate.complexity import file_size_bytes
 from clipprune.evaluate.dense import load_dense_evaluation
 from clipprune.evaluate.embeddings import TextEncoder
 from clipprune.evaluate.suite import accuracy_metrics, dense_settings_from_params, describe_text_reuse
-from clipprune.io import write_json
+from clipprune.io import commit_together, staged, write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_losses
 from clipprune.sparsity import (apply_weights, available_methods, check_target, load_sparse, save_sparse,
@@ -57,27 +57,29 @@ def main(params: dict) -> None:
     apply_weights(model, weights, config.towers)
     keys = [meta["meta"]["state_keys"][layer] for layer in weights]
     out_dir = Path("artifacts/sparse") / name
-    save_sparse(model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
-                                                    "mask_type": config.mask.name}})
-    reloaded = load_sparse(out_dir)
-    check_same_model(reloaded, model, str(out_dir))  # bit-identical, not merely close
-    text = TextEncoder(reloaded, batch_size, baseline.text)
-    print(f"sparsify: {describe_text_reuse('sparse model', text)}")
-    mask = config.mask
-    stats = sparsity_stats(weights, (mask.n, mask.m) if mask.kind == "nm" else None)
-    compact_bytes = file_size_bytes(out_dir)
-    report = {
-        "target": target, "method": config.method, "mask_type": mask.name,
-        "target_applies": mask.kind != "nm",  # N:M fixes the sparsity at (M-N)/M whatever the target
-        "sparsity": stats,
-        # not "dense": reports/metrics.json has that block, and equal key paths in several metrics files
-        # make `dvc exp show` prefix the column with the file name
-        "dense_reference": {key: baseline.metrics[key] for key in ("zeroshot", "retrieval") if key in baseline.metrics},
-        "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size, label="sparse model", text=text),
-        "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
-        "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},
-    }
-    write_json(Path("reports/sparsity") / f"{name}.json", report)
+    with commit_together():  # the compact model and its report: both or neither
+        save_sparse(model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
+                                                        "mask_type": config.mask.name}})
+        reloaded = load_sparse(staged(out_dir))  # read back before it is renamed into place
+        check_same_model(reloaded, model, str(out_dir))  # bit-identical, not merely close
+        text = TextEncoder(reloaded, batch_size, baseline.text)
+        print(f"sparsify: {describe_text_reuse('sparse model', text)}")
+        mask = config.mask
+        stats = sparsity_stats(weights, (mask.n, mask.m) if mask.kind == "nm" else None)
+        compact_bytes = file_size_bytes(staged(out_dir))
+        report = {
+            "target": target, "method": config.method, "mask_type": mask.name,
+            "target_applies": mask.kind != "nm",  # N:M fixes the sparsity at (M-N)/M whatever the target
+            "sparsity": stats,
+            # not "dense": reports/metrics.json has that block, and equal key paths in several metrics files
+            # make `dvc exp show` prefix the column with the file name
+            "dense_reference": {key: baseline.metrics[key] for key in ("zeroshot", "retrieval")
+                                if key in baseline.metrics},
+            "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size, label="sparse model", text=text),
+            "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
+            "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},
+        }
+        write_json(Path("reports/sparsity") / f"{name}.json", report)
     top1 = report["sparse"].get("zeroshot", {}).get("acc1")
     print(f"sparsify: {config.method} {mask.name} at {stats['overall']:.4f} sparsity: top-1 "
           f"{'n/a' if top1 is None else f'{top1:.4f}'}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "

@@ -6,7 +6,7 @@ from pathlib import Path
 from _common import run_stage
 from clipprune.config import parse_params
 from clipprune.errors import MaskError
-from clipprune.io import write_json
+from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
 from clipprune.models.masks import load_masks, save_masks, validate_masks
 from clipprune.scoring import calibration_loader, load_scores
@@ -55,10 +55,11 @@ def main(params: dict) -> None:
     meta = {**search_meta, "rearrange": rearrange, "lsq": lsq, "damp": damp, "max_scale": max_scale}
     if isinstance(report["lsq"], dict):
         report["lsq"].pop("wall_time_s", None)
-    save_masks(REARRANGED, rearranged, meta)
-    write_json(REPORT, report)
-    save_masks(TUNED, masks, meta)
-    write_json(TIMING, {"wall_time_s": wall, "rearrange_s": rearrange_time})
+    with commit_together():  # all four outputs, or (full disk, read-only folder, interruption) none
+        save_masks(REARRANGED, rearranged, meta)
+        write_json(REPORT, report)
+        save_masks(TUNED, masks, meta)
+        write_json(TIMING, {"wall_time_s": wall, "rearrange_s": rearrange_time})
     print(f"tune: rearrange={rearrange} lsq={lsq} in {wall:.1f} s; wrote {TUNED}")
 
 

@@ -9,8 +9,11 @@ open_clip: seconds apiece) are marked slow; the in-process ones run in ``make te
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from clipprune.errors import OutputError
 from clipprune.params import load_params
 from clipprune.tuning import TuningWarning
 from pipeline_utils import copy_repo
@@ -28,7 +32,9 @@ from test_bad_inputs import (BadCase, bad, call_stage, empty_hf_home, mentions, 
 
 SCORES = "artifacts/scores/scores.safetensors"
 SEARCHED = "artifacts/masks/search.safetensors"
+REARRANGED = "artifacts/masks/rearranged.safetensors"
 TUNED = "artifacts/masks/tuned.safetensors"
+TUNE_REPORT = "artifacts/masks/tune_report.json"
 PIPELINE = ("download", "calibrate", "score", "search", "tune", "export")
 
 
@@ -49,6 +55,14 @@ def repo(tmp_path_factory):
     assert sizes == {k: v[:1] for k, v in pristine.items()}
 
 
+def stage_module(root: Path, name: str):
+    """``stages/<name>.py`` of the copy as a fresh module (its path constants can be redirected)."""
+    spec = importlib.util.spec_from_file_location(f"_pruning_{name}", root / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_in_process(root: Path, names) -> None:
     """Run ``stages/<name>.py:main`` for each name, in order, in this process with ``root`` as working dir."""
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
@@ -57,10 +71,7 @@ def run_in_process(root: Path, names) -> None:
         patch.chdir(root)
         patch.syspath_prepend(str(root / "stages"))
         for name in names:
-            spec = importlib.util.spec_from_file_location(f"_pruning_setup_{name}", root / "stages" / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            module.main(load_params(root / "params.yaml"))
+            stage_module(root, name).main(load_params(root / "params.yaml"))
 
 
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -306,9 +317,7 @@ def test_tune_warns_when_scores_hold_no_gradients(repo, tmp_path, monkeypatch, c
     scores.write_bytes(safetensors_bytes(no_grads, {**metadata, "criterion": json.dumps("magnitude")}))
     monkeypatch.chdir(repo)
     monkeypatch.syspath_prepend(str(repo / "stages"))
-    spec = importlib.util.spec_from_file_location("_tune_warning", repo / "stages" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = stage_module(repo, "tune")
     module.SCORES = scores
     for name in ("REARRANGED", "TUNED", "REPORT", "TIMING"):  # keep the shared copy's outs untouched
         setattr(module, name, tmp_path / Path(getattr(module, name)).name)
@@ -320,3 +329,170 @@ def test_tune_warns_when_scores_hold_no_gradients(repo, tmp_path, monkeypatch, c
     searched, _ = read_safetensors(repo / SEARCHED)
     rearranged, _ = read_safetensors(tmp_path / "rearranged.safetensors")
     assert all(torch.equal(searched[k], rearranged[k]) for k in searched)
+
+
+# ---------------------------------------------------------------- artifacts read back: dtypes, headers, ranges
+
+HUGE_HEADER = struct.pack("<Q", 2**62) + b"{}"  # a header length safetensors refuses (over its 100 MB cap)
+LONG_HEADER = struct.pack("<Q", 1 << 20) + b'{"a": 1}'  # a header length beyond the end of the file
+
+
+@pytest.mark.parametrize("data", [HUGE_HEADER, LONG_HEADER], ids=["huge", "beyond_the_file"])
+@pytest.mark.parametrize("stage_name, rel, what", [
+    ("search", SCORES, "not a readable safetensors scores file"),
+    ("tune", SEARCHED, "not a readable safetensors mask file"),
+    ("tune", SCORES, "not a readable safetensors scores file"),
+    ("export", TUNED, "not a readable safetensors mask file"),
+])
+def test_every_safetensors_read_refuses_a_bad_header(call_stage, bad, stage_name, rel, what, data):
+    replace_file(bad, rel, data)
+    mentions(call_stage(stage_name), rel, what, "Error while deserializing header")
+
+
+def retyped(dtype):
+    return lambda tensor: tensor.to(dtype)
+
+
+@pytest.mark.parametrize("stage_name, rel, key, dtype", [
+    ("search", SCORES, "vision.head", torch.int64),       # integer scores would rank (and tie) differently
+    ("search", SCORES, "vision.neuron", torch.float16),
+    ("tune", SCORES, "vision.head.grads", torch.int32),
+    ("tune", SEARCHED, "vision.neuron", torch.int64),
+    ("tune", SEARCHED, "vision.head", torch.bool),
+    ("export", TUNED, "vision.head", torch.float64),
+    ("export", TUNED, "vision.neuron", torch.uint8),
+])
+def test_score_and_mask_files_of_another_dtype_are_refused(call_stage, bad, repo, stage_name, rel, key, dtype):
+    replace_file(bad, rel, edited(repo, rel, key, retyped(dtype)))
+    mentions(call_stage(stage_name), rel, f"tensor {key} has dtype {str(dtype).removeprefix('torch.')}, "
+                                          f"expected float32")
+
+
+@pytest.mark.parametrize("value, edits, shown", [
+    (1e30, {}, "1e+30, outside [-10, 10]"),
+    (-10.5, {}, "-10.5, outside [-10, 10]"),
+    (11.0, {}, "11, outside [-10, 10]"),
+    (0.75, {"tune__max_scale": 0.5}, "0.75, outside [-0.5, 0.5]"),
+])
+def test_export_refuses_tuned_scales_outside_max_scale(call_stage, bad, repo, value, edits, shown):
+    def edit(tensor):  # below max_scale 1 the tuned head scales (~1.03) are out of range too: make them binary
+        return poisoned(value, (2, 3))((tensor != 0).float() if edits else tensor)
+    replace_file(bad, TUNED, edited(repo, TUNED, "vision.head", edit))
+    mentions(call_stage("export", **edits), TUNED, "vision.head layer 2 unit 3 holds the scale", shown,
+             "(tune.max_scale)")
+
+
+def test_export_accepts_binary_masks_when_max_scale_is_below_one(repo, tmp_path, monkeypatch):
+    """Kept units of a sub-block tune left binary are 1: allowed whatever tune.max_scale (the control)."""
+    monkeypatch.chdir(repo)
+    monkeypatch.syspath_prepend(str(repo / "stages"))
+    masks, metadata = read_safetensors(repo / TUNED)
+    module = stage_module(repo, "export")
+    module.MASKS, module.OUT = tmp_path / "tuned.safetensors", tmp_path / "pruned"
+    module.MASKS.write_bytes(safetensors_bytes({k: (v != 0).float() for k, v in masks.items()}, metadata))
+    params = load_params(repo / "params.yaml")
+    params["tune"]["max_scale"] = 0.5
+    module.main(params)
+    assert (tmp_path / "pruned" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_export_tuned_scales_of_1e30_through_the_stage(bad, repo):
+    replace_file(bad, TUNED, edited(repo, TUNED, "vision.neuron", poisoned(1e30, (0, 1))))
+    mentions(bad.run("export"), TUNED, "vision.neuron layer 0 unit 1 holds the scale 1e+30")
+
+
+# ---------------------------------------------------------------- outputs on I/O errors: all or none, one line
+
+def full_disk_for(monkeypatch, *names: str, code: int = errno.ENOSPC) -> None:
+    """Writes of the temporaries of the outputs ``names`` fail as on a full disk (in this process)."""
+    real_bytes, real_text = Path.write_bytes, Path.write_text
+
+    def check(path):
+        if any(path.name.startswith(f".{name}.") for name in names):
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: (check(self), real_bytes(self, data))[1])
+    monkeypatch.setattr(Path, "write_text", lambda self, data, *a, **k: (check(self), real_text(self, data, *a, **k))[1])
+
+
+@pytest.mark.parametrize("names, code", [
+    (("tuned.safetensors",), errno.ENOSPC),  # the last mask file: rearranged.safetensors must not appear alone
+    (("tune_report.json",), errno.ENOSPC),
+    (("tune.json",), errno.EDQUOT),          # even the timing metric: none of the four outputs changes
+    (("rearranged.safetensors",), errno.EROFS),
+])
+def test_tune_on_a_full_disk_writes_none_of_its_outputs(call_stage, monkeypatch, names, code):
+    full_disk_for(monkeypatch, *names, code=code)
+    message = call_stage("tune", tune__lsq=False)  # call_stage: the tree, old outputs included, is unchanged
+    directory = "reports/timing" if names == ("tune.json",) else "artifacts/masks"
+    mentions(message, f"{directory}: cannot write {names[0]} there ({os.strerror(code)})", "read-only or the disk full")
+
+
+def test_tune_with_a_failing_rename_puts_the_previous_outputs_back(call_stage, repo, monkeypatch):
+    from clipprune import io as cio
+
+    real, failed = os.replace, []
+
+    def replace(src, dst):  # the new tuned.safetensors cannot be renamed into place, once (after rearranged.*)
+        if Path(src).name.startswith(".tuned.safetensors.") and Path(dst).name == "tuned.safetensors" and not failed:
+            failed.append(src)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    before = {rel: (repo / rel).read_bytes() for rel in (REARRANGED, TUNED, TUNE_REPORT)}
+    monkeypatch.setattr(cio.os, "replace", replace)
+    mentions(call_stage("tune", tune__lsq=False), "artifacts/masks: cannot write tuned.safetensors there")
+    assert {rel: (repo / rel).read_bytes() for rel in before} == before
+
+
+@pytest.mark.parametrize("stage_name, constant", [("tune", "TUNED"), ("search", "TRACE"), ("export", "OUT")])
+def test_output_folder_blocked_by_a_file_is_one_line(repo, tmp_path, monkeypatch, stage_name, constant):
+    """An output whose folder cannot exist (a file is in the way): one line naming the folder, nothing written."""
+    monkeypatch.chdir(repo)
+    monkeypatch.syspath_prepend(str(repo / "stages"))
+    module = stage_module(repo, stage_name)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    setattr(module, constant, tmp_path / "blocker" / "out" / Path(getattr(module, constant)).name)
+    params = load_params(repo / "params.yaml")
+    params["tune"]["lsq"] = False
+    before = tree_state(repo)
+    with warnings.catch_warnings(), pytest.raises(OutputError) as info:
+        warnings.simplefilter("ignore", TuningWarning)
+        module.main(params)
+    mentions(str(info.value), f"{tmp_path / 'blocker' / 'out'}: cannot write", "a file is in the way of a folder")
+    assert "\n" not in str(info.value) and tree_state(repo) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.slow
+def test_tune_on_a_full_disk_through_the_stage(bad):
+    """The stage process itself meets the full disk: exit 1, one line naming artifacts/masks, no output."""
+    bad.set(tune__lsq=False)  # (lsq of 64 pairs may warn about a sub-block: a second stderr line)
+    bad.plant("full_disk_tune.py", FULL_DISK_WRAPPER.format(names=("tuned.safetensors",), script="stages/tune.py"))
+    mentions(bad.run("tune", argv=["full_disk_tune.py"]), "artifacts/masks: cannot write tuned.safetensors there "
+                                                          "(No space left on device)")
+
+
+FULL_DISK_WRAPPER = """import errno, os, runpy, sys
+from pathlib import Path
+real_bytes, real_text = Path.write_bytes, Path.write_text
+def check(path):
+    if any(path.name.startswith(f".{{name}}.") for name in {names!r}):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+Path.write_bytes = lambda self, data: (check(self), real_bytes(self, data))[1]
+Path.write_text = lambda self, data, *a, **k: (check(self), real_text(self, data, *a, **k))[1]
+sys.argv = [{script!r}]
+sys.path[0] = os.path.abspath(os.path.dirname({script!r}))
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+# ---------------------------------------------------------------- distill: validation before any output is touched
+
+@pytest.mark.parametrize("images, batch", [(8, 16), (12, 64)])
+def test_distill_batch_larger_than_the_images_keeps_the_previous_logs(call_stage, repo, images, batch):
+    assert list((repo / "reports/distill").rglob("*.tsv")), "the copy holds the committed reports/distill/"
+    # call_stage: nothing in the copy changed or was deleted, reports/distill/ included
+    message = call_stage("distill", distill__enabled=True, distill__num_samples=images, distill__batch_size=batch)
+    mentions(message, f"distill.batch_size must be <= the {images} training images, got {batch}")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from ..errors import ClipPruneError
 from ..export import CONFIG_NAME, WEIGHTS_NAME, export_pruned, load_pruned
-from ..io import atomic_dir
+from ..io import atomic_dir, commit_together
 from ..models import load_model
 from .checkpoint import load_checkpoint
 from .config import DistillConfig, fingerprint
 from .data import TrainImages
 from .distributed import DistContext, init_distributed
-from .train import TrainingLogger, plan_training, train
+from .train import TrainingLogger, check_schedule, plan_training, train
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class DistillPaths:
     checkpoint: Path  # checkpoint file (outside DVC outs)
     train_images: Path
     train_captions: Path
+
+    @property
+    def live(self) -> Path:
+        """Where the logger writes during the run (next to the checkpoint, which it resumes with); the
+        logs reach ``logs`` only with the finished model, so a failed run leaves the previous ones alone."""
+        return self.checkpoint.parent / "live"
 
 
 def passthrough(pruned: Path, out: Path) -> Path:
@@ -79,20 +85,26 @@ def run_distill(config: DistillConfig, teacher_name: str, paths: DistillPaths, *
         plan = plan_training(student, teacher, config)
         data = TrainImages(paths.train_images, paths.train_captions, student.preprocess, config.num_samples,
                            config.seed, plan.data_share)
+        check_schedule(config, len(data))  # a bad batch size fails before any log is touched
         key = run_fingerprint(config, teacher_name, paths)
         resume_step = None
         if paths.checkpoint.is_file():
             resume_step = load_checkpoint(paths.checkpoint, key).step
         logger = TrainingLogger()
         if ctx.is_main and logger_factory is not None:
-            logger = logger_factory(paths.logs, resume_step, plan.as_dict())
+            logger = logger_factory(paths.live, resume_step, plan.as_dict())
         result = train(student, teacher, data, config, plan, checkpoint_path=paths.checkpoint, fingerprint=key,
                        ctx=ctx, logger=logger, progress=progress)
         summary = {"plan": plan.as_dict(), "images": len(data), "steps": result.steps, "history": result.history,
                    "resumed_from_epoch": result.resumed_from_epoch}
         if ctx.is_main:
-            export_pruned(result.model.to("cpu"), None, paths.out)
             logger.close()
+            with commit_together():  # the model and its logs: both or neither
+                export_pruned(result.model.to("cpu"), None, paths.out)
+                if logger_factory is not None:
+                    with atomic_dir(paths.logs) as tmp:
+                        shutil.copytree(paths.live, tmp, dirs_exist_ok=True)
+            shutil.rmtree(paths.live, ignore_errors=True)
             paths.checkpoint.unlink(missing_ok=True)
         ctx.barrier()
         return summary
@@ -103,7 +115,5 @@ def run_distill(config: DistillConfig, teacher_name: str, paths: DistillPaths, *
 
 def write_disabled_logs(logs: Path) -> None:
     """A disabled run leaves a one-key summary, so the declared dvclive directory exists and says why."""
-    if logs.exists():
-        shutil.rmtree(logs)
-    logs.mkdir(parents=True)
-    (logs / "metrics.json").write_text('{\n  "enabled": false\n}\n')
+    with atomic_dir(logs) as tmp:
+        (tmp / "metrics.json").write_text('{\n  "enabled": false\n}\n')

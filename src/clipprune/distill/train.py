@@ -100,6 +100,17 @@ def _optimizer(named: list[tuple[str, torch.Tensor]], masks: dict[str, torch.Ten
                              eps=1e-8, foreach=False)
 
 
+def check_schedule(config: DistillConfig, images: int) -> tuple[int, int]:
+    """``(steps per epoch, total steps)`` of a run on ``images`` images; ParamError if the batch or warm-up
+    does not fit. Cheap: callers run it before anything is written or deleted."""
+    steps = steps_per_epoch(images, config.batch_size)
+    if steps < 1:
+        raise ParamError(f"distill.batch_size must be <= the {images} training images, got {config.batch_size}")
+    total_steps = steps * config.epochs
+    check_warmup(config.warmup_steps, total_steps, steps, config.epochs)  # before any training step
+    return steps, total_steps
+
+
 def train(student: ClipModel, teacher: ClipModel, data: TrainImages, config: DistillConfig, plan: TrainingPlan,
           *, checkpoint_path: Path | None = None, fingerprint: str = "", ctx: DistContext | None = None,
           logger: TrainingLogger | None = None, progress: bool = True,
@@ -111,11 +122,7 @@ def train(student: ClipModel, teacher: ClipModel, data: TrainImages, config: Dis
     """
     ctx = ctx or DistContext()
     logger = logger if (logger is not None and ctx.is_main) else TrainingLogger()
-    steps = steps_per_epoch(len(data), config.batch_size)
-    if steps < 1:
-        raise ParamError(f"distill.batch_size must be <= the {len(data)} training images, got {config.batch_size}")
-    total_steps = steps * config.epochs
-    check_warmup(config.warmup_steps, total_steps, steps, config.epochs)  # before any training step
+    steps, total_steps = check_schedule(config, len(data))
     torch.manual_seed(config.seed)
 
     teacher.module.eval().requires_grad_(False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_path, write_json
+from ..io import atomic_path, commit_together, write_json
 from .plots import heatmap_matrices, plot_accuracy_vs_mac, plot_kept_units
 from .tables import kept_units, kept_units_rows, load_metrics, neuron_bins, pareto_point, summary_markdown
 
@@ -27,17 +27,18 @@ class ReportPaths:
 
 
 def write_report(metrics: dict, masks: dict | None, paths: ReportPaths, dpi: int = 100) -> dict:
-    """Write every report file; returns what was drawn (``pareto``, ``kept``, ``heatmap``, ``points``).
+    """Write every report file (together: all or none); returns what was drawn (``pareto``, ``kept``, ``heatmap``, ``points``).
 
     ``masks`` are the final head/neuron masks (tuned scales or 0/1); ``None`` (no pruned model) leaves the
     kept-units table empty and the heatmap a placeholder.
     """
     kept = kept_units(masks) if masks else {}
     point = pareto_point(metrics)
-    write_json(paths.pareto, [point])
-    write_json(paths.kept_units, kept_units_rows(kept))
-    heatmap = plot_kept_units(kept, paths.kept_units_png, dpi=dpi)
-    points = plot_accuracy_vs_mac(metrics, paths.accuracy_png, dpi=dpi)
-    with atomic_path(paths.summary) as tmp:
-        tmp.write_text(summary_markdown(metrics, kept))
+    with commit_together():  # every file, or none
+        write_json(paths.pareto, [point])
+        write_json(paths.kept_units, kept_units_rows(kept))
+        heatmap = plot_kept_units(kept, paths.kept_units_png, dpi=dpi)
+        points = plot_accuracy_vs_mac(metrics, paths.accuracy_png, dpi=dpi)
+        with atomic_path(paths.summary) as tmp:
+            tmp.write_text(summary_markdown(metrics, kept))
     return {"pareto": point, "kept": kept, "heatmap": heatmap, "points": points}
