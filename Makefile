@@ -26,11 +26,12 @@ deps: $(STAMP)
 	$(BIN)/python scripts/stage_deps.py write
 
 # The full suite, slow end-to-end tests included (what CI runs), in TEST_JOBS pytest-xdist workers that each
-# take whole files (the pipeline files first, tests/conftest.py), then the 15 slowest tests.
+# take whole files, or groups of files that share one reproduced pipeline (the pipeline files first,
+# tests/conftest.py), then the 15 slowest tests.
 # TEST_JOBS=0 runs in one process.
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

@@ -7,16 +7,15 @@ import re
 import pytest
 import yaml
 
-from pipeline_utils import copy_repo, dvc
+from pipeline_utils import dvc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_pipeline")]
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    (repo.parent / "repro.log").write_text(dvc(repo, "repro").stdout)
-    return repo
+def reproduced(default_pipeline):
+    """The embedded default reproduced once for the session (tests/conftest.py; test_sweep.py shares it)."""
+    return default_pipeline
 
 
 def stages_run(output: str) -> set[str]:

@@ -1,5 +1,10 @@
-"""`scripts/sweep.py`: a 2-experiment grid queued and run by DVC in a throwaway copy, then the comparison
-table, `dvc exp show` columns and `dvc plots diff` overlaying both experiments (slow)."""
+"""`scripts/sweep.py`: a 2-experiment grid queued and run by DVC, then the comparison table, `dvc exp show`
+columns and `dvc plots diff` overlaying both experiments (slow).
+
+The grid runs on the session's reproduced embedded default (``default_pipeline`` in tests/conftest.py,
+shared with test_pipeline_e2e.py): the experiments start from its commit and take every stage before
+`search` from DVC's run cache, as a user's sweep after a `dvc repro` does.
+"""
 from __future__ import annotations
 
 import json
@@ -7,33 +12,31 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from pipeline_utils import copy_repo, dvc, env, git
+from pipeline_utils import dvc, env, git
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_pipeline")]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("sweep") / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["calibrate"]["num_samples"] = 32
-    params["evaluate"]["max_retrieval_images"] = 50
-    params["evaluate"]["latency"] = {"batch_size": 4, "warmup": 0, "repeats": 1}
-    if "distill" in params:  # optional retraining: not what is under test here
-        params["distill"]["enabled"] = False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(repo, "commit", "-qam", "small params")  # queued experiments start from the last commit
+def swept(default_pipeline):
+    repo = default_pipeline
+    status = git(repo, "status", "--porcelain")
+    # distillation and the per-step evaluations off: what is under test is the grid, the table and the plots
     command = [sys.executable, "scripts/sweep.py", "--constraints", "0.4,0.6", "--criteria", "fisher",
-               "--target", "report", "--csv", str(repo.parent / "sweep.csv")]
+               "--set", "distill.enabled=false", "--set", "evaluate.steps=false", "--target", "report",
+               "--csv", str(repo.parent / "sweep.csv")]
     proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env(), timeout=1800)
+    assert git(repo, "status", "--porcelain") == status  # experiments ran in temporary copies
     return repo, proc
 
 
 def test_sweep_runs_the_grid_and_prints_the_table(swept):
     repo, proc = swept
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what the grid does not change comes from the run cache of the session's `dvc repro`
+    for stage in ("download", "calibrate", "score", "evaluate_dense"):
+        assert f"Running stage '{stage}'" not in proc.stdout, stage
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "fisher+mac" in line]
     assert len(table) == 2, proc.stdout
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
@@ -43,7 +46,6 @@ def test_sweep_runs_the_grid_and_prints_the_table(swept):
         assert 0 < float(row[5]) <= 100  # top-1 %
     csv_lines = (repo.parent / "sweep.csv").read_text().splitlines()
     assert csv_lines[0].startswith("experiment,method,constraint,MAC %") and len(csv_lines) == 3
-    assert git(repo, "status", "--porcelain") == ""  # experiments ran in temporary copies
 
 
 def test_exp_show_and_plots_diff_compare_the_experiments(swept):
