@@ -183,19 +183,19 @@ def test_unknown_method_options(edits, expected):
 
 
 def test_option_tables_match_the_registries():
-    from clipprune.scoring.losses import _LOSSES
-    from clipprune.scoring.registry import _CRITERIA, available_criteria
-    from clipprune.search.registry import _SEARCHES, available_searches
+    from clipprune.scoring.losses import LOSSES
+    from clipprune.scoring.registry import CRITERIA
+    from clipprune.search.registry import SEARCHES
 
-    available_criteria(), available_searches()  # load the built-in ones
-    assert {n: list(f.options) for n, f in _CRITERIA.items()} == \
-        {n: list(t) for n, t in config.CRITERION_OPTIONS.items()}
-    assert {n: list(f.options) for n, f in _LOSSES.items()} == {n: list(t) for n, t in config.LOSS_OPTIONS.items()}
+    assert {n: list(o) for n, o in CRITERIA.available().items()} == \
+        {n: list(t) for n, t in sorted(config.CRITERION_OPTIONS.items())}
+    assert {n: list(o) for n, o in LOSSES.available().items()} == \
+        {n: list(t) for n, t in sorted(config.LOSS_OPTIONS.items())}
     # adaptive's loss_inc_thresh is a key of the search section; progress is not a user option
-    assert {n: [o for o in f.options if o not in ("loss_inc_thresh", "progress")] for n, f in _SEARCHES.items()} == \
-        {n: list(t) for n, t in config.SEARCH_OPTIONS.items()}
+    assert {n: [o for o in opts if o not in ("loss_inc_thresh", "progress")] for n, opts in SEARCHES.available().items()} == \
+        {n: list(t) for n, t in sorted(config.SEARCH_OPTIONS.items())}
     for name in config.CRITERIA_WITH_LOSS_OPTIONS:  # these pass every other option on to the loss
-        assert _CRITERIA[name].__wrapped__.__code__.co_flags & 0x08  # **loss_options
+        assert CRITERIA.get(name).__wrapped__.__code__.co_flags & 0x08  # **loss_options
 
 
 # ---------------------------------------------------------------- values and bounds

@@ -41,7 +41,7 @@ def test_parameter_checks():
 
 
 def test_registered_criteria_are_checked_and_timed(monkeypatch):
-    monkeypatch.setattr(registry, "_CRITERIA", dict(registry._CRITERIA))  # test criteria vanish afterwards
+    monkeypatch.setattr(registry.CRITERIA, "_entries", dict(registry.CRITERIA._entries))  # test criteria vanish afterwards
 
     @register_criterion("test_constant")
     def constant(model, loader, *, towers, loss, granularity, progress, value: float = 1.0):

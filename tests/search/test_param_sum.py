@@ -77,7 +77,7 @@ def test_budget_in_params_differs_from_macs():
 def test_is_kwons_search_under_the_chosen_metric_and_registered(metric):
     generator = torch.Generator().manual_seed(4)
     registered = get_search("param_sum")
-    assert registered.search_name == "param_sum" and registered.options == ("normalize",)
+    assert registered.registered_name == "param_sum" and registered.options == ("normalize",)
     for draw in range(12):
         scores = random_scores(TWO_TOWERS, generator, KINDS[draw % 4])
         for normalize in ("none", "layer"):

@@ -41,7 +41,7 @@ def test_unknown_option():
 
 
 def test_register_custom_search(monkeypatch):
-    monkeypatch.setattr(registry, "_SEARCHES", dict(registry._SEARCHES))
+    monkeypatch.setattr(registry.SEARCHES, "_entries", dict(registry.SEARCHES._entries))
 
     @register_search("keep_all")
     def keep_all(scores, views, constraint, metric="mac", *, value=1.0):

@@ -18,8 +18,8 @@ candidate texts (``score.options.text_set``):
   masked text tower every batch so text masks get gradients too. With ``granularity: sample`` only the
   vision tower can be scored (per-sample masks cannot be shared with the prompts).
 
-The gradient machinery is Kwon's Fisher (``fisher.fisher_scores``) run with the ``max_logit`` loss registered
-here (``score.loss: max_logit`` also works with ``fisher`` and ``abs_gradient``). Registered losses are batch
+The gradient machinery is Kwon's Fisher (``fisher.fisher_scores``) run with the ``max_logit`` loss (defined in
+``losses``; ``score.loss: max_logit`` also works with ``fisher`` and ``abs_gradient``). Registered losses are batch
 means; LFPR's loss is the batch *sum*, so for ``granularity: batch`` each gradient row is multiplied by its
 batch size (rows = gradients of the summed loss, as LFPR squares them) and the scores are recomputed from
 those rows. Per-sample rows are already the gradients of each sample's own term of the sum. ``score.loss``
@@ -30,37 +30,14 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from clipprune.errors import ParamError
 from clipprune.models.base import ClipModel
 
 from .fisher import fisher_scores
-from .losses import register_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
 
 LOSS = "max_logit"
-
-
-@register_loss(LOSS, min_batch=2)
-def max_logit(image_features: torch.Tensor, text_features: torch.Tensor, scale, texts_per_class: int = 1,
-              ) -> torch.Tensor:
-    """Mean over images of the largest logit ``scale · cos(image, candidate)`` over the candidate texts.
-
-    ``texts_per_class`` > 1: the text features come in consecutive groups of that many prompts per class and
-    each class's candidate is the renormalised mean of its normalised prompts (the zero-shot classifier).
-    The captions are candidates, never labels: the loss is invariant to permuting the texts.
-    """
-    if text_features is None or text_features.shape[0] == 0:
-        raise ValueError("max_logit loss needs at least one candidate text feature")
-    if text_features.shape[0] % texts_per_class:
-        raise ParamError(f"score.options.texts_per_class={texts_per_class} does not divide the "
-                         f"{text_features.shape[0]} candidate texts")
-    text = F.normalize(text_features, dim=-1)
-    if texts_per_class > 1:
-        text = F.normalize(text.view(-1, texts_per_class, text.shape[-1]).mean(dim=1), dim=-1)
-    logits = scale * F.normalize(image_features, dim=-1) @ text.T
-    return logits.max(dim=1).values.mean()
 
 
 class _SizedBatches:

@@ -11,7 +11,6 @@ A criterion is ``fn(model, loader, *, towers, loss, granularity, progress, **opt
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -20,6 +19,7 @@ import torch
 
 from clipprune.config import GRANULARITIES, TOWER_CHOICES
 from clipprune.errors import ParamError
+from clipprune.registry import Registry
 
 GRADS_SUFFIX = ".grads"
 
@@ -45,8 +45,8 @@ class ScoreResult:
 
 CriterionFn = Callable[..., ScoreResult]
 
-_CRITERIA: dict[str, CriterionFn] = {}
-_FIXED_ARGS = ("model", "loader", "towers", "loss", "granularity", "progress")
+CRITERIA = Registry("score.criterion", "criterion",
+                    fixed=("model", "loader", "towers", "loss", "granularity", "progress"))
 
 
 def parse_towers(towers) -> tuple[str, ...]:
@@ -68,11 +68,29 @@ def check_granularity(granularity) -> str:
     return granularity
 
 
-def _option_names(fn: Callable) -> tuple[list[str], bool]:
-    params = inspect.signature(fn).parameters
-    names = [p.name for p in params.values()
-             if p.name not in _FIXED_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names, any(p.kind == p.VAR_KEYWORD for p in params.values())
+def _checked(fn: CriterionFn, name: str, known: tuple[str, ...], takes_any: bool) -> CriterionFn:
+    """The registered criterion: normalises ``towers``, checks ``granularity``, the loss name and the options,
+    validates the result and adds ``criterion``, ``towers``, ``granularity`` and ``wall_time_s`` to its meta."""
+
+    @functools.wraps(fn)
+    def criterion(model, loader=None, *, towers="both", loss="contrastive", granularity="batch",
+                  progress=False, **options) -> ScoreResult:
+        from .losses import LOSSES
+
+        CRITERIA.check_options(name, options, known, takes_any)
+        towers = parse_towers(towers)
+        granularity = check_granularity(granularity)
+        if loss is not None:
+            LOSSES.get(loss)
+        start = time.perf_counter()
+        result = fn(model, loader, towers=towers, loss=loss, granularity=granularity, progress=progress,
+                    **options)
+        _check_result(name, result, towers)
+        result.meta = {**result.meta, "criterion": name, "towers": list(towers), "granularity": granularity,
+                       "wall_time_s": round(time.perf_counter() - start, 4)}
+        return result
+
+    return criterion
 
 
 def register_criterion(name: str, needs_data: bool = True) -> Callable[[CriterionFn], CriterionFn]:
@@ -82,44 +100,7 @@ def register_criterion(name: str, needs_data: bool = True) -> Callable[[Criterio
     The registered callable normalises ``towers``, checks ``granularity`` and the loss name, rejects
     unknown options with a one-line ParamError, and adds ``criterion`` and ``wall_time_s`` to the meta.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"criterion name must be a non-empty string, got {name!r}")
-
-    def decorate(fn: CriterionFn) -> CriterionFn:
-        known, takes_any = _option_names(fn)
-
-        @functools.wraps(fn)
-        def criterion(model, loader=None, *, towers="both", loss="contrastive", granularity="batch",
-                      progress=False, **options) -> ScoreResult:
-            from .losses import get_loss
-
-            unknown = sorted(set(options) - set(known))
-            if unknown and not takes_any:
-                raise ParamError(f"score.options: unknown option(s) {', '.join(unknown)} for criterion {name!r}; "
-                                 f"known: {', '.join(known) or 'none'}")
-            towers = parse_towers(towers)
-            granularity = check_granularity(granularity)
-            if loss is not None:
-                get_loss(loss)
-            start = time.perf_counter()
-            result = fn(model, loader, towers=towers, loss=loss, granularity=granularity, progress=progress,
-                        **options)
-            _check_result(name, result, towers)
-            result.meta = {**result.meta, "criterion": name, "towers": list(towers), "granularity": granularity,
-                           "wall_time_s": round(time.perf_counter() - start, 4)}
-            return result
-
-        previous = _CRITERIA.get(name)
-        if previous is not None and (previous.__module__, previous.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ValueError(f"a criterion named {name!r} is already registered "
-                             f"({previous.__module__}.{previous.__qualname__})")
-        criterion.criterion_name = name
-        criterion.needs_data = needs_data
-        criterion.options = tuple(known)
-        _CRITERIA[name] = criterion
-        return criterion
-
-    return decorate
+    return CRITERIA.register(name, _checked, needs_data=needs_data)
 
 
 def _check_result(name: str, result: ScoreResult, towers: tuple[str, ...]) -> None:
@@ -140,20 +121,11 @@ def _check_result(name: str, result: ScoreResult, towers: tuple[str, ...]) -> No
         raise RuntimeError(f"criterion {name!r} returned non-finite scores")
 
 
-def _load_builtin() -> None:
-    # importing the package registers the built-in criteria (fisher, magnitude)
-    import clipprune.scoring  # noqa: F401
-
-
 def available_criteria() -> list[str]:
     """Names of the registered criteria, sorted."""
-    _load_builtin()
-    return sorted(_CRITERIA)
+    return CRITERIA.names()
 
 
 def get_criterion(name: str) -> CriterionFn:
     """The criterion registered as ``name``; ParamError naming ``score.criterion`` otherwise."""
-    _load_builtin()
-    if not isinstance(name, str) or name not in _CRITERIA:
-        raise ParamError(f"score.criterion must be one of {', '.join(sorted(_CRITERIA))}; got {name!r}")
-    return _CRITERIA[name]
+    return CRITERIA.get(name)

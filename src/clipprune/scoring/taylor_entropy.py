@@ -16,7 +16,7 @@ Losses (``score.loss``), both label-free and both the mean over the batch:
   normalised image embeddings of the batch. No caption is read, so captions cannot change the scores.
   (AMP's reference keeps the k = i term; this project's ``entropy`` loss leaves it out, so the
   distribution describes the neighbours rather than being dominated by the self-similarity.)
-* ``entropy_image_text`` (registered here): the image→text and text→image entropies of
+* ``entropy_image_text`` (``losses``): the image→text and text→image entropies of
   softmax(τ⁻¹ · cos(image, caption)) over the batch, averaged. It uses the captions but not which caption
   belongs to which image (permuting the captions of a batch leaves it unchanged).
 
@@ -37,37 +37,14 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from clipprune.errors import DataError, ParamError
 
 from .fisher import check_towers_for_loss, gradient_batches
-from .losses import register_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
 
 LABEL_FREE_LOSSES = ("entropy", "entropy_image_text")
 DEFAULT_INV_TEMPERATURE = 20.0
-
-
-def _entropy_of_rows(logits: torch.Tensor) -> torch.Tensor:
-    log_p = F.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1).mean()
-
-
-@register_loss("entropy_image_text", uses_text=True, min_batch=2)
-def entropy_image_text(image_features: torch.Tensor, text_features: torch.Tensor, scale,
-                       inv_temperature=None) -> torch.Tensor:
-    """Label-free image–text entropy (AMP's variant): mean of the image→text and text→image row entropies
-    of softmax(τ⁻¹ · cos(image, caption)); τ⁻¹ is ``inv_temperature``, by default the model's logit scale."""
-    if inv_temperature is not None:  # a positive number (checked with params.yaml, clipprune.config)
-        scale = float(inv_temperature)
-    if text_features is None or text_features.shape[0] != image_features.shape[0]:
-        raise ValueError("entropy_image_text needs one caption feature per image")
-    if image_features.shape[0] < 2:
-        raise ParamError(f"score.loss=entropy_image_text needs at least 2 images per batch, got a batch of "
-                         f"{image_features.shape[0]}")
-    logits = scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return (_entropy_of_rows(logits) + _entropy_of_rows(logits.T)) / 2
 
 
 def scored_only(scores: Mapping[str, torch.Tensor], meta: Mapping | None = None) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from clipprune.errors import ParamError
+from clipprune.registry import Registry
 
 
 @dataclass
@@ -43,26 +43,20 @@ class GradientSource:
         return self.stream_fn(list(names))
 
 
-_METHODS: dict[str, Callable] = {}
+METHODS = Registry("sparsity.method", "method", fixed=("layers", "config", "grads", "progress"))
 
 
 def register_method(name: str, needs_data: bool = True):
-    """Decorator: register a sparsity method under ``name``."""
+    """Decorator: register a sparsity method under ``name`` (a value of ``sparsity.method``).
 
-    def decorate(fn):
-        fn.method_name = name
-        fn.needs_data = needs_data
-        _METHODS[name] = fn
-        return fn
-
-    return decorate
+    ``needs_data=False`` marks methods that read no gradients (they get ``grads=None``).
+    """
+    return METHODS.register(name, needs_data=needs_data)
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> Callable:
-    if name not in _METHODS:
-        raise ParamError(f"sparsity.method must be one of {', '.join(available_methods())}; got {name!r}")
-    return _METHODS[name]
+    return METHODS.get(name)
