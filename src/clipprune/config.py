@@ -157,6 +157,24 @@ def _towers(value) -> tuple[str, ...]:
     return TOWER_CHOICES[value]
 
 
+def parse_towers(value, key: str = "towers") -> tuple[str, ...]:
+    """``"vision"`` | ``"text"`` | ``"both"`` -> tuple of tower names (the library's argument for a towers key)."""
+    return check_value(key, value, _towers)
+
+
+def check_choice(value, choices: Iterable[str], key: str) -> str:
+    """``value`` if it is one of ``choices``; ParamError ``<key> must be one of ...`` otherwise."""
+    return check_value(key, value, _choice(*choices))
+
+
+def check_value(key: str, value, check: Callable):
+    """``check(value)`` with its complaint turned into the one-line ParamError naming ``key``."""
+    try:
+        return check(value)
+    except _Invalid as err:
+        raise ParamError(f"{key} {err}") from None
+
+
 def _mapping(what: str) -> Callable:
     def check(value):
         if value is None:

@@ -20,10 +20,9 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
+from clipprune.config import METRICS  # the budget metrics (search.metric)
 from clipprune.errors import MaskError, ParamError
 from clipprune.models.base import BlockView, ClipModel, Tower
-
-METRICS = ("mac", "params")
 
 # What the tower-level functions accept: a ClipModel, a mapping tower name -> Tower or BlockView list,
 # or a bare list of BlockViews (one tower).

@@ -80,11 +80,12 @@ class Registry:
         """Every registered name (sorted) with its options."""
         return {name: self._entries[name].options for name in self.names()}
 
-    def get(self, name) -> Callable:
-        """The entry registered as ``name``; a one-line ParamError naming the params key otherwise."""
+    def get(self, name, key: str | None = None) -> Callable:
+        """The entry registered as ``name``; a one-line ParamError naming the params key otherwise (``key``:
+        another params key that holds a name of this registry, e.g. ``sparsity.loss`` for a loss)."""
         names = self.names()
         if not isinstance(name, str) or name not in self._entries:
-            raise ParamError(f"{self.key} must be one of {', '.join(names)}; got {name!r}")
+            raise ParamError(f"{key or self.key} must be one of {', '.join(names)}; got {name!r}")
         return self._entries[name]
 
     def check_options(self, name: str, options: Mapping, known: Iterable[str] | None = None,

@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from clipprune.config import GRANULARITIES, TOWER_CHOICES
+from clipprune import config
+from clipprune.config import GRANULARITIES
 from clipprune.errors import ParamError
 from clipprune.registry import Registry
 
@@ -51,21 +52,15 @@ CRITERIA = Registry("score.criterion", "criterion",
 
 def parse_towers(towers) -> tuple[str, ...]:
     """``"vision"`` | ``"text"`` | ``"both"`` (or a sequence of tower names) -> tuple of tower names."""
-    if isinstance(towers, str):
-        if towers not in TOWER_CHOICES:
-            raise ParamError(f"score.towers must be one of {', '.join(TOWER_CHOICES)}; got {towers!r}")
-        return TOWER_CHOICES[towers]
-    if isinstance(towers, Iterable):
+    if not isinstance(towers, str) and isinstance(towers, Iterable):
         names = tuple(towers)
         if names and len(set(names)) == len(names) and all(t in ("vision", "text") for t in names):
             return tuple(t for t in ("vision", "text") if t in names)
-    raise ParamError(f"score.towers must be one of {', '.join(TOWER_CHOICES)}; got {towers!r}")
+    return config.parse_towers(towers, "score.towers")
 
 
 def check_granularity(granularity) -> str:
-    if granularity not in GRANULARITIES:
-        raise ParamError(f"score.granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
-    return granularity
+    return config.check_choice(granularity, GRANULARITIES, "score.granularity")
 
 
 def _checked(fn: CriterionFn, name: str, known: tuple[str, ...], takes_any: bool) -> CriterionFn:

@@ -21,7 +21,7 @@ from clipprune.io import read_safetensors, save_safetensors
 from clipprune.models.base import ClipModel
 
 from .losses import get_loss
-from .registry import GRADS_SUFFIX, ScoreResult, check_granularity, get_criterion, parse_towers
+from .registry import GRADS_SUFFIX, ScoreResult, get_criterion
 
 
 def calibration_loader(images_dir: str | os.PathLike, captions_file: str | os.PathLike,
@@ -55,13 +55,10 @@ def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = 
                 granularity: str = "batch", towers="both", seed: int = 0, progress: bool = True,
                 options: Mapping | None = None) -> ScoreResult:
     """Seed torch, run the criterion registered as ``criterion`` and return its ``ScoreResult``."""
-    fn = get_criterion(criterion)
-    towers = parse_towers(towers)
-    check_granularity(granularity)
+    fn = get_criterion(criterion)  # the registered criterion checks towers, granularity, loss and options
     if fn.needs_data:
         if loss is None:
             raise ParamError(f"score.loss is required by criterion {criterion!r}")
-        get_loss(loss)
         if loader is None:
             raise ParamError(f"score.criterion={criterion} needs calibration data")
         _check_batches(loader, loss)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.scoring.fisher import frozen_parameters
-from clipprune.scoring.losses import check_loss_options, get_loss
+from clipprune.scoring.losses import LOSSES, check_loss_options, get_loss
 
 
 def check_loss_for_towers(loss: str, towers: Iterable[str]) -> None:
@@ -38,12 +38,7 @@ def check_loss_for_towers(loss: str, towers: Iterable[str]) -> None:
 
 
 def get_loss_checked(loss: str):
-    try:
-        return get_loss(loss)
-    except ParamError:
-        from clipprune.scoring.losses import available_losses
-
-        raise ParamError(f"sparsity.loss must be one of {', '.join(available_losses())}; got {loss!r}") from None
+    return LOSSES.get(loss, key="sparsity.loss")
 
 
 def _per_sample(x: torch.Tensor, delta: torch.Tensor, batch: int) -> torch.Tensor:

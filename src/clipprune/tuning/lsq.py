@@ -49,7 +49,7 @@ from typing import Mapping
 
 import torch
 
-from ..config import TOWER_CHOICES
+from ..config import parse_towers
 from ..errors import DataError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
@@ -145,10 +145,7 @@ def _tuned_towers(model: ClipModel, masks: Mapping[str, torch.Tensor], towers) -
     if towers is None:
         return tuple(masked)
     if isinstance(towers, str):
-        if towers not in TOWER_CHOICES:
-            raise ParamError(f"tune.towers must be one of {', '.join(TOWER_CHOICES)} or a list of towers; "
-                             f"got {towers!r}")
-        towers = TOWER_CHOICES[towers]
+        towers = parse_towers(towers, "tune.towers")
     towers = tuple(towers)
     bad = [t for t in towers if t not in masked]
     if bad or not towers or len(set(towers)) != len(towers):
