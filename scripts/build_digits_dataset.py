@@ -17,7 +17,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
 from clipprune.data.archive import sha256_file  # noqa: E402
-from clipprune.data.digits import archive_entries, digit_records, summarize, write_zip  # noqa: E402
+from digits_dataset import archive_entries, digit_records, summarize, write_zip  # noqa: E402
 from clipprune.errors import ClipPruneError  # noqa: E402
 
 

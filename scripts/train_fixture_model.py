@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from clipprune.data.archive import fetch_and_extract
 from clipprune.data.coco import CocoCaptions
-from clipprune.data.digits import digit_records
 from clipprune.data.imagefolder import load_classnames, load_templates
 from clipprune.io import atomic_dir, save_safetensors
+from digits_dataset import digit_records
 
 MODEL_CFG = {
     "embed_dim": 64,

@@ -54,7 +54,7 @@ def damaged(text: str) -> str:
 
     swap("      - src/clipprune/io.py\n", "", "\n  score:\n")                                    # missing
     swap("      - src/clipprune/search/mac.py\n", "      - src/clipprune/search\n", "\n  search:\n")  # folder
-    swap("      - stages/_common.py\n", "      - stages/_common.py\n      - src/clipprune/data/digits.py\n",
+    swap("      - stages/_common.py\n", "      - stages/_common.py\n      - src/clipprune/tuning/lsq.py\n",
          "\n  report:\n")                                                                       # extra file
     swap("      - ${model_files}\n", "", "\n  tune:\n")                                          # model dep
     swap("      - model_files\n", "", "\n  tune:\n")
@@ -69,7 +69,7 @@ def test_check_reports_each_mistake_by_stage_and_file():
     assert "score: 1 missing, 0 extra" in lines and "  missing src/clipprune/io.py" in lines
     assert "search: 1 missing, 1 extra" in lines and "  missing src/clipprune/search/mac.py" in lines
     assert "  extra   src/clipprune/search (a folder: list the files it imports instead)" in lines
-    assert "report: 0 missing, 1 extra" in lines and "  extra   src/clipprune/data/digits.py" in lines
+    assert "report: 0 missing, 1 extra" in lines and "  extra   src/clipprune/tuning/lsq.py" in lines
     assert "tune: 2 missing, 0 extra" in lines and "  missing params: model_files" in lines
     assert "sparsify: 1 missing, 0 extra" in lines and "  missing src/clipprune/sparsity/cap.py" in lines
     assert sum(1 for line in lines if not line.startswith(" ")) == 5  # the other stages are fine

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from clipprune.data.archive import fetch_and_extract
-from clipprune.data.digits import build_digits_archive
+from fixture_scripts import digits_dataset
 
 SMALL_PER_CLASS = 3
 
@@ -12,7 +12,7 @@ SMALL_PER_CLASS = 3
 @pytest.fixture(scope="session")
 def digits_small_zip(tmp_path_factory):
     """Path of a digits zip with 3 train and 3 val images per class (seed 0)."""
-    return build_digits_archive(tmp_path_factory.mktemp("zip") / "digits_small.zip", seed=0,
+    return digits_dataset.build_digits_archive(tmp_path_factory.mktemp("zip") / "digits_small.zip", seed=0,
                                 limit_per_class=SMALL_PER_CLASS)
 
 

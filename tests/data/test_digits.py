@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipprune.data import digits as D
+from fixture_scripts import digits_dataset as D
 from clipprune.errors import ParamError
 
 from .conftest import SMALL_PER_CLASS

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from clipprune.data.archive import fetch_and_extract
-from clipprune.data.digits import build_digits_archive
 from clipprune.export import export_pruned, load_pruned
+from fixture_scripts import digits_dataset
 from models import OPEN_CLIP_CFG, random_masks, tiny_open_clip
 
 PER_CLASS = 4  # 40 train images
@@ -31,7 +31,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def digits_split(tmp_path_factory) -> tuple[Path, Path]:
     """(train images dir, train captions file) of a digits archive with 4 images per class and split."""
-    archive = build_digits_archive(tmp_path_factory.mktemp("distill_zip") / "digits.zip", seed=0,
+    archive = digits_dataset.build_digits_archive(tmp_path_factory.mktemp("distill_zip") / "digits.zip", seed=0,
                                    limit_per_class=PER_CLASS)
     target = tmp_path_factory.mktemp("distill_raw") / "digits"
     fetch_and_extract(archive, target, progress=False)

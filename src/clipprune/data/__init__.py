@@ -1,6 +1,6 @@
 """Data layer: archives (fetch, verify, safe extract), COCO captions, image-folder classification,
-calibration sampling, the embedded default digits dataset builder, and extra evaluation sets (ImageNet-style
-folders, COCO / Flickr30k Karpathy retrieval) in CLIP_benchmark's formats."""
+calibration sampling, and extra evaluation sets (ImageNet-style folders, COCO / Flickr30k Karpathy retrieval) in
+CLIP_benchmark's formats. The embedded default's builder is not library code: ``scripts/digits_dataset.py``."""
 from .archive import COCO2017_ARCHIVES, fetch_and_extract, sha256_file
 from .calibration import read_calibration, sample_calibration_pairs, write_calibration
 from .coco import (CaptionPairs, CocoCaptions, collate_image_caption_pairs, collate_image_captions,

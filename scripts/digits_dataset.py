@@ -1,5 +1,8 @@
 """The embedded default dataset: scikit-learn's handwritten digits as a COCO-captions dataset.
 
+Not library code: used by ``build_digits_dataset.py`` and ``train_fixture_model.py`` next to it and by the
+tests that build small archives (``tests/fixture_scripts.py``).
+
 ``build_digits_archive`` turns the 1,797 8x8 UCI digits that ship with scikit-learn into
 
 * 32x32 RGB PNGs (bilinear upscale) in ``digits/images/{train,val}/<image id>.png``,
@@ -36,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ParamError
-from ..io import atomic_path
+from clipprune.errors import ParamError
+from clipprune.io import atomic_path
 
 IMAGE_SIZE = 32
 SOURCE_SIZE = 8
