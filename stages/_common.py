@@ -1,8 +1,10 @@
 """Shared entry-point wrapper for stages: params loading, the model-files guard, one-line errors, exit codes."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -31,17 +33,42 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def declares_model_files(name: str, dvc_yaml: Path = DVC_YAML) -> bool:
-    """True if stage ``name`` of dvc.yaml depends on ``${model_files}`` (the stages that load the model)."""
+def _stage_body(name: str, dvc_yaml: Path = DVC_YAML) -> dict | None:
+    """The mapping of stage ``name`` in dvc.yaml holding its cmd / deps (a foreach stage's ``do:``); None if absent."""
     from ruamel.yaml import YAML
 
     if not dvc_yaml.is_file():
-        return False
+        return None
     spec = (YAML(typ="safe", pure=True).load(dvc_yaml.read_text()).get("stages") or {}).get(name)
     if not isinstance(spec, dict):
-        return False  # not a pipeline stage (e.g. a test's writer)
-    body = spec.get("do", spec) if "foreach" in spec else spec
-    return MODEL_FILES_DEP in [str(dep) for dep in body.get("deps") or []]
+        return None  # not a pipeline stage (e.g. a test's writer)
+    return spec.get("do", spec) if "foreach" in spec else spec
+
+
+def declares_model_files(name: str, dvc_yaml: Path = DVC_YAML) -> bool:
+    """True if stage ``name`` of dvc.yaml depends on ``${model_files}`` (the stages that load the model)."""
+    body = _stage_body(name, dvc_yaml)
+    return body is not None and MODEL_FILES_DEP in [str(dep) for dep in body.get("deps") or []]
+
+
+def stage_paths(name: str, *options: str, main: bool = False) -> argparse.Namespace:
+    """The paths stage ``name`` reads and writes, each named once: on the stage's ``cmd`` line in dvc.yaml,
+    ``python stages/<name>.py --<option> PATH ...`` (as iterative/example-get-started passes them).
+
+    ``main``: the stage runs as a script: its command-line arguments are parsed (DVC passes the cmd's). A stage
+    run without arguments (by hand, or imported by a test) takes the arguments of its cmd in dvc.yaml.
+    """
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage {name} (see dvc.yaml)")
+    for option in options:
+        parser.add_argument(f"--{option}", type=Path, required=True, metavar="PATH")
+    argv = sys.argv[1:] if main else []
+    if not argv:
+        body = _stage_body(name)
+        if body is None:
+            raise SystemExit(f"stages/{name}.py: no stage {name} in {DVC_YAML} to take its paths from")
+        cmd = shlex.split(body["cmd"] if isinstance(body["cmd"], str) else " ".join(body["cmd"]))
+        argv = cmd[cmd.index(f"stages/{name}.py") + 1:]
+    return parser.parse_args(argv)
 
 
 def check_stage_model(name: str, params: dict) -> None:

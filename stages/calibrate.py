@@ -1,12 +1,13 @@
 """Stage calibrate: sample `calibrate.num_samples` image-caption pairs of the train split with `seed`."""
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.data.calibration import sample_calibration_pairs, write_calibration
 from clipprune.data.coco import CocoCaptions
 
-OUT = Path("data/prepared/calibration.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("calibrate", "out", main=__name__ == "__main__")
+OUT = PATHS.out
 
 
 def main(params: dict) -> None:

@@ -5,9 +5,8 @@ script under torchrun (one process per share of the global batch). A run killed 
 checkpoint of its last complete epoch (artifacts/checkpoints/distill/, outside DVC's outs; removed on success).
 """
 import time
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.distill import (DistillPaths, check_resumable, distill_config, launch, passthrough, run_distill,
                                under_torchrun, write_disabled_logs)
@@ -15,11 +14,13 @@ from clipprune.distill.live import LiveLogger
 from clipprune.errors import ClipPruneError
 from clipprune.io import commit_together, write_json
 
-PRUNED = Path("artifacts/models/pruned")
-OUT = Path("artifacts/models/distilled")
-LOGS = Path("reports/distill")
-CHECKPOINT = Path("artifacts/checkpoints/distill/last.safetensors")
-TIMING = Path("reports/timing/distill.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("distill", "pruned", "out", "logs", "checkpoint", "timing", main=__name__ == "__main__")
+PRUNED = PATHS.pruned
+OUT = PATHS.out
+LOGS = PATHS.logs
+CHECKPOINT = PATHS.checkpoint
+TIMING = PATHS.timing
 
 
 def main(params: dict) -> None:
@@ -39,7 +40,8 @@ def main(params: dict) -> None:
     if not under_torchrun():
         check_resumable(config, teacher, paths)  # a bad checkpoint fails here, in one line, before any model loads
     if config.nproc > 1 and not under_torchrun():
-        code = launch(__file__, config.nproc)
+        code = launch(__file__, config.nproc, [arg for option in vars(PATHS) for arg in
+                                               (f"--{option}", str(getattr(PATHS, option)))])
         if code != 0:
             raise ClipPruneError(f"distill.nproc={config.nproc}: the torchrun workers failed (exit code {code}); "
                                  f"see their messages above")

@@ -5,18 +5,19 @@ model, plus its class and caption embeddings (which evaluate reuses for every mo
 unchanged). It depends on the model, the evaluation data and the evaluate params that change these figures,
 not on anything the pruning writes, so a sweep over constraints or criteria evaluates the dense model once.
 """
-from pathlib import Path
 
 import torch
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import save_dense_evaluation
 from clipprune.evaluate.suite import dense_settings_from_params, evaluate_dense, null_metric_notes
 from clipprune.models import load_model
 
-OUT = Path("artifacts/eval/dense")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("evaluate_dense", "out", main=__name__ == "__main__")
+OUT = PATHS.out
 
 
 def main(params: dict) -> None:

@@ -1,15 +1,16 @@
 """Stage export: slice the model by the tuned masks (scales folded in) into artifacts/models/pruned/."""
 import time
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.export import export_pruned
 from clipprune.models import load_model
 from clipprune.models.masks import check_scales, load_masks, validate_masks
 
-MASKS = Path("artifacts/masks/tuned.safetensors")
-OUT = Path("artifacts/models/pruned")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("export", "masks", "out", main=__name__ == "__main__")
+MASKS = PATHS.masks
+OUT = PATHS.out
 
 
 def main(params: dict) -> None:

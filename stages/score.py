@@ -1,7 +1,6 @@
 """Stage score: importance of every head and neuron (`score.criterion`) on the calibration pairs."""
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
@@ -9,9 +8,11 @@ from clipprune.scoring import available_criteria, available_losses, calibration_
     score_model
 from clipprune.scoring.taylor_entropy import scored_only
 
-CALIBRATION = Path("data/prepared/calibration.json")
-OUT = Path("artifacts/scores/scores.safetensors")
-TIMING = Path("reports/timing/score.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("score", "calibration", "out", "timing", main=__name__ == "__main__")
+CALIBRATION = PATHS.calibration
+OUT = PATHS.out
+TIMING = PATHS.timing
 
 
 def main(params: dict) -> None:

@@ -5,9 +5,8 @@ data (`search.holdout_samples` images not used for calibration, drawn with `seed
 `search.loss_inc_thresh` and `search.constraint` is not used.
 """
 import time
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.errors import MaskError
 from clipprune.io import commit_together, write_json
@@ -17,12 +16,14 @@ from clipprune.scoring import load_scores
 from clipprune.search import available_searches, check_scores, get_search, mask_summary
 from clipprune.search.adaptive import holdout_loader, plot_trace
 
-SCORES = Path("artifacts/scores/scores.safetensors")
-CALIBRATION = Path("data/prepared/calibration.json")
-OUT = Path("artifacts/masks/search.safetensors")
-TRACE = Path("artifacts/masks/search_trace.json")
-PLOT = Path("reports/plots/search_trace.png")
-TIMING = Path("reports/timing/search.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("search", "scores", "calibration", "out", "trace", "plot", "timing", main=__name__ == "__main__")
+SCORES = PATHS.scores
+CALIBRATION = PATHS.calibration
+OUT = PATHS.out
+TRACE = PATHS.trace
+PLOT = PATHS.plot
+TIMING = PATHS.timing
 
 
 def main(params: dict) -> None:

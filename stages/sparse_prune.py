@@ -5,10 +5,9 @@ to artifacts/sparse/pruned.safetensors (keys ``<target>/<layer>``), which the `s
 and evaluate one target each.
 """
 import json
-from pathlib import Path
 
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.io import commit_together, save_safetensors, write_json
 from clipprune.models import load_model
@@ -16,9 +15,11 @@ from clipprune.scoring import available_losses, calibration_loader
 from clipprune.sparsity import available_methods, get_method, sparsify, sparsity_config, target_name
 from clipprune.sparsity.export import compact_tensors
 
-CALIBRATION = Path("data/prepared/calibration.json")
-OUT = Path("artifacts/sparse/pruned.safetensors")
-TIMING = Path("reports/timing/sparse_prune.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("sparse_prune", "calibration", "out", "timing", main=__name__ == "__main__")
+CALIBRATION = PATHS.calibration
+OUT = PATHS.out
+TIMING = PATHS.timing
 
 
 def main(params: dict) -> None:

@@ -1,9 +1,8 @@
 """Stage tune: Kwon's rearrangement, then least-squares mask tuning against the dense model."""
 import sys
 import time
-from pathlib import Path
 
-from _common import run_stage
+from _common import run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.errors import MaskError
 from clipprune.io import commit_together, write_json
@@ -12,13 +11,16 @@ from clipprune.models.masks import load_masks, save_masks, validate_masks
 from clipprune.scoring import calibration_loader, load_scores
 from clipprune.tuning import rearrange_masks, tune_masks
 
-CALIBRATION = Path("data/prepared/calibration.json")
-SCORES = Path("artifacts/scores/scores.safetensors")
-SEARCHED = Path("artifacts/masks/search.safetensors")
-REARRANGED = Path("artifacts/masks/rearranged.safetensors")
-TUNED = Path("artifacts/masks/tuned.safetensors")
-REPORT = Path("artifacts/masks/tune_report.json")
-TIMING = Path("reports/timing/tune.json")
+# every path is named once, on the stage's cmd in dvc.yaml
+PATHS = stage_paths("tune", "calibration", "scores", "searched", "rearranged", "tuned", "report", "timing",
+                    main=__name__ == "__main__")
+CALIBRATION = PATHS.calibration
+SCORES = PATHS.scores
+SEARCHED = PATHS.searched
+REARRANGED = PATHS.rearranged
+TUNED = PATHS.tuned
+REPORT = PATHS.report
+TIMING = PATHS.timing
 
 
 def main(params: dict) -> None:
