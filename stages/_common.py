@@ -51,12 +51,13 @@ def declares_model_files(name: str, dvc_yaml: Path = DVC_YAML) -> bool:
     return body is not None and MODEL_FILES_DEP in [str(dep) for dep in body.get("deps") or []]
 
 
-def stage_paths(name: str, *options: str, main: bool = False) -> argparse.Namespace:
+def stage_paths(name: str, *options: str, main: bool = False) -> tuple[Path, ...]:
     """The paths stage ``name`` reads and writes, each named once: on the stage's ``cmd`` line in dvc.yaml,
     ``python stages/<name>.py --<option> PATH ...`` (as iterative/example-get-started passes them).
 
     ``main``: the stage runs as a script: its command-line arguments are parsed (DVC passes the cmd's). A stage
     run without arguments (by hand, or imported by a test) takes the arguments of its cmd in dvc.yaml.
+    Returns the paths in the order of ``options``.
     """
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage {name} (see dvc.yaml)")
     for option in options:
@@ -68,7 +69,8 @@ def stage_paths(name: str, *options: str, main: bool = False) -> argparse.Namesp
             raise SystemExit(f"stages/{name}.py: no stage {name} in {DVC_YAML} to take its paths from")
         cmd = shlex.split(body["cmd"] if isinstance(body["cmd"], str) else " ".join(body["cmd"]))
         argv = cmd[cmd.index(f"stages/{name}.py") + 1:]
-    return parser.parse_args(argv)
+    parsed = parser.parse_args(argv)
+    return tuple(getattr(parsed, option) for option in options)
 
 
 def check_stage_model(name: str, params: dict) -> None:

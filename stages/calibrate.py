@@ -6,8 +6,7 @@ from clipprune.data.calibration import sample_calibration_pairs, write_calibrati
 from clipprune.data.coco import CocoCaptions
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("calibrate", "out", main=__name__ == "__main__")
-OUT = PATHS.out
+OUT, = stage_paths("calibrate", "out", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

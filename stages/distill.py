@@ -15,12 +15,8 @@ from clipprune.errors import ClipPruneError
 from clipprune.io import commit_together, write_json
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("distill", "pruned", "out", "logs", "checkpoint", "timing", main=__name__ == "__main__")
-PRUNED = PATHS.pruned
-OUT = PATHS.out
-LOGS = PATHS.logs
-CHECKPOINT = PATHS.checkpoint
-TIMING = PATHS.timing
+PRUNED, OUT, LOGS, CHECKPOINT, TIMING = stage_paths("distill", "pruned", "out", "logs", "checkpoint", "timing",
+                                                    main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:
@@ -40,8 +36,8 @@ def main(params: dict) -> None:
     if not under_torchrun():
         check_resumable(config, teacher, paths)  # a bad checkpoint fails here, in one line, before any model loads
     if config.nproc > 1 and not under_torchrun():
-        code = launch(__file__, config.nproc, [arg for option in vars(PATHS) for arg in
-                                               (f"--{option}", str(getattr(PATHS, option)))])
+        named = {"pruned": PRUNED, "out": OUT, "logs": LOGS, "checkpoint": CHECKPOINT, "timing": TIMING}
+        code = launch(__file__, config.nproc, [arg for key, path in named.items() for arg in (f"--{key}", str(path))])
         if code != 0:
             raise ClipPruneError(f"distill.nproc={config.nproc}: the torchrun workers failed (exit code {code}); "
                                  f"see their messages above")

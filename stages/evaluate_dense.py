@@ -16,8 +16,7 @@ from clipprune.evaluate.suite import dense_settings_from_params, evaluate_dense,
 from clipprune.models import load_model
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("evaluate_dense", "out", main=__name__ == "__main__")
-OUT = PATHS.out
+OUT, = stage_paths("evaluate_dense", "out", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

@@ -8,9 +8,7 @@ from clipprune.models import load_model
 from clipprune.models.masks import check_scales, load_masks, validate_masks
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("export", "masks", "out", main=__name__ == "__main__")
-MASKS = PATHS.masks
-OUT = PATHS.out
+MASKS, OUT = stage_paths("export", "masks", "out", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

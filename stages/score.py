@@ -9,10 +9,7 @@ from clipprune.scoring import available_criteria, available_losses, calibration_
 from clipprune.scoring.taylor_entropy import scored_only
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("score", "calibration", "out", "timing", main=__name__ == "__main__")
-CALIBRATION = PATHS.calibration
-OUT = PATHS.out
-TIMING = PATHS.timing
+CALIBRATION, OUT, TIMING = stage_paths("score", "calibration", "out", "timing", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

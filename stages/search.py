@@ -17,13 +17,8 @@ from clipprune.search import available_searches, check_scores, get_search, mask_
 from clipprune.search.adaptive import holdout_loader, plot_trace
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("search", "scores", "calibration", "out", "trace", "plot", "timing", main=__name__ == "__main__")
-SCORES = PATHS.scores
-CALIBRATION = PATHS.calibration
-OUT = PATHS.out
-TRACE = PATHS.trace
-PLOT = PATHS.plot
-TIMING = PATHS.timing
+SCORES, CALIBRATION, OUT, TRACE, PLOT, TIMING = stage_paths(
+    "search", "scores", "calibration", "out", "trace", "plot", "timing", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

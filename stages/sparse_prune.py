@@ -16,10 +16,7 @@ from clipprune.sparsity import available_methods, get_method, sparsify, sparsity
 from clipprune.sparsity.export import compact_tensors
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("sparse_prune", "calibration", "out", "timing", main=__name__ == "__main__")
-CALIBRATION = PATHS.calibration
-OUT = PATHS.out
-TIMING = PATHS.timing
+CALIBRATION, OUT, TIMING = stage_paths("sparse_prune", "calibration", "out", "timing", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:

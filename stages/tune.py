@@ -12,15 +12,8 @@ from clipprune.scoring import calibration_loader, load_scores
 from clipprune.tuning import rearrange_masks, tune_masks
 
 # every path is named once, on the stage's cmd in dvc.yaml
-PATHS = stage_paths("tune", "calibration", "scores", "searched", "rearranged", "tuned", "report", "timing",
-                    main=__name__ == "__main__")
-CALIBRATION = PATHS.calibration
-SCORES = PATHS.scores
-SEARCHED = PATHS.searched
-REARRANGED = PATHS.rearranged
-TUNED = PATHS.tuned
-REPORT = PATHS.report
-TIMING = PATHS.timing
+CALIBRATION, SCORES, SEARCHED, REARRANGED, TUNED, REPORT, TIMING = stage_paths(
+    "tune", "calibration", "scores", "searched", "rearranged", "tuned", "report", "timing", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:
