@@ -31,7 +31,7 @@ deps: $(STAMP)
 # TEST_JOBS=0 runs in one process.
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile --durations=15
 
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

@@ -1,10 +1,12 @@
-"""Test scheduling for `pytest -n 2 --dist loadgroup` (what `make test` runs), and the one shared pipeline.
+"""Test scheduling for `pytest -n 2 --dist loadfile` (what `make test` runs), and the one shared pipeline.
 
-xdist hands whole groups to its workers in collection order. Every test file is its own group (as with
-``--dist loadfile``), except the files marked ``xdist_group("default_pipeline")``: those run on one worker
-and share one `dvc repro` of the embedded default (the session fixture ``default_pipeline``). The few groups
-that reproduce pipelines take minutes each, so they go first and the many quick files fill the gaps on the
-other worker. Without xdist the grouping changes nothing and the order only the order of the output.
+xdist hands whole scopes to its workers in collection order. A scope is a test file, except that the files
+of ``SHARED_PIPELINE`` form one scope: they run on one worker and share one `dvc repro` of the embedded
+default (the session fixture ``default_pipeline``). The scheduler is xdist's own file scheduler with that
+one change (``pytest_xdist_make_scheduler``; xdist's ``xdist_group`` marks do not take effect with pytest 9,
+whose node ids xdist 3.8 can no longer rewrite). The scopes that reproduce pipelines take minutes each, so
+they go first and the many quick files fill the gaps on the other worker. Without xdist the scheduling
+changes nothing and the order only the order of the output.
 """
 from __future__ import annotations
 
@@ -13,14 +15,11 @@ import pytest
 # the files that run whole pipelines, longest first (measured with --durations)
 LONGEST_FIRST = ("test_pipeline_e2e.py", "test_sweep.py", "test_remotes.py", "test_determinism.py",
                  "test_interruptions.py", "test_bad_inputs_pruning.py", "test_bad_inputs.py")
+# the files that use the session's reproduced embedded default (``default_pipeline``): one worker runs them
+SHARED_PIPELINE = ("test_pipeline_e2e.py", "test_sweep.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into node ids
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
     def rank(item) -> tuple[int, int]:
         name = item.path.name
         if name in LONGEST_FIRST:
@@ -30,10 +29,26 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: tests keep their order within a file
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without xdist
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedPipelineScheduling(LoadFileScheduling):
+        """Whole files, as ``--dist loadfile``, but the ``SHARED_PIPELINE`` files as one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "default_pipeline" if path.rsplit("/", 1)[-1] in SHARED_PIPELINE else path
+
+    return SharedPipelineScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def default_pipeline(tmp_path_factory):
     """A throwaway copy of the repo with the embedded default reproduced (`dvc repro`, log in repro.log next
-    to it), built once per worker and shared by the files of the ``default_pipeline`` group."""
+    to it), built once per worker and shared by the ``SHARED_PIPELINE`` files, which one worker runs."""
     from pipeline_utils import copy_repo, dvc
 
     repo = copy_repo(tmp_path_factory.mktemp("default_pipeline") / "repo")

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline_utils import dvc
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_pipeline")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

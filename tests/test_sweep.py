@@ -15,7 +15,7 @@ import pytest
 
 from pipeline_utils import dvc, env, git
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_pipeline")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
