@@ -14,8 +14,10 @@ from clipprune.distill.live import LiveLogger
 from clipprune.errors import ClipPruneError
 from clipprune.io import commit_together, write_json
 
-# every path is named once, on the stage's cmd in dvc.yaml
-PRUNED, OUT, LOGS, CHECKPOINT, TIMING = stage_paths("distill", "pruned", "out", "logs", "checkpoint", "timing",
+# every path is named once, on the stage's cmd in dvc.yaml. The options are passed on to the torchrun workers
+# after the script name, where torchrun's own parser still takes any prefix of its options (--logs would be
+# read as its --logs-specs): none of these names may be one.
+PRUNED, OUT, LOGS, CHECKPOINT, TIMING = stage_paths("distill", "pruned", "out", "dvclive", "checkpoint", "timing",
                                                     main=__name__ == "__main__")
 
 
@@ -36,7 +38,7 @@ def main(params: dict) -> None:
     if not under_torchrun():
         check_resumable(config, teacher, paths)  # a bad checkpoint fails here, in one line, before any model loads
     if config.nproc > 1 and not under_torchrun():
-        named = {"pruned": PRUNED, "out": OUT, "logs": LOGS, "checkpoint": CHECKPOINT, "timing": TIMING}
+        named = {"pruned": PRUNED, "out": OUT, "dvclive": LOGS, "checkpoint": CHECKPOINT, "timing": TIMING}
         code = launch(__file__, config.nproc, [arg for key, path in named.items() for arg in (f"--{key}", str(path))])
         if code != 0:
             raise ClipPruneError(f"distill.nproc={config.nproc}: the torchrun workers failed (exit code {code}); "
