@@ -51,17 +51,22 @@ def declares_model_files(name: str, dvc_yaml: Path = DVC_YAML) -> bool:
     return body is not None and MODEL_FILES_DEP in [str(dep) for dep in body.get("deps") or []]
 
 
-def stage_paths(name: str, *options: str, main: bool = False) -> tuple[Path, ...]:
+def stage_paths(name: str, *options: str, main: bool = False) -> tuple:
     """The paths stage ``name`` reads and writes, each named once: on the stage's ``cmd`` line in dvc.yaml,
     ``python stages/<name>.py --<option> PATH ...`` (as iterative/example-get-started passes them).
 
+    An option written ``"<option>:str"`` is a plain value, not a path (a foreach stage's ``${item}``).
     ``main``: the stage runs as a script: its command-line arguments are parsed (DVC passes the cmd's). A stage
-    run without arguments (by hand, or imported by a test) takes the arguments of its cmd in dvc.yaml.
-    Returns the paths in the order of ``options``.
+    run without arguments (by hand, or imported by a test) takes the arguments of its cmd in dvc.yaml (not
+    for a foreach stage, whose cmd holds ``${item}``). Returns the values in the order of ``options``.
     """
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage {name} (see dvc.yaml)")
+    dests = []
     for option in options:
-        parser.add_argument(f"--{option}", type=Path, required=True, metavar="PATH")
+        flag, _, kind = option.partition(":")
+        dests.append(flag.replace("-", "_"))
+        parser.add_argument(f"--{flag}", type=str if kind == "str" else Path, required=True, dest=dests[-1],
+                            metavar="VALUE" if kind == "str" else "PATH")
     argv = sys.argv[1:] if main else []
     if not argv:
         body = _stage_body(name)
@@ -69,8 +74,11 @@ def stage_paths(name: str, *options: str, main: bool = False) -> tuple[Path, ...
             raise SystemExit(f"stages/{name}.py: no stage {name} in {DVC_YAML} to take its paths from")
         cmd = shlex.split(body["cmd"] if isinstance(body["cmd"], str) else " ".join(body["cmd"]))
         argv = cmd[cmd.index(f"stages/{name}.py") + 1:]
+        if any("${" in arg for arg in argv):
+            raise SystemExit(f"stages/{name}.py: a foreach stage: pass the arguments of its cmd in {DVC_YAML} "
+                             f"with ${{item}} filled in")
     parsed = parser.parse_args(argv)
-    return tuple(getattr(parsed, option) for option in options)
+    return tuple(getattr(parsed, dest) for dest in dests)
 
 
 def check_stage_model(name: str, params: dict) -> None:

@@ -5,27 +5,25 @@ evaluate_dense); here the final model (and, when distillation ran, the exported 
 evaluated, the per-step masks when ``evaluate.steps`` is on, and latency is measured pruned vs dense,
 interleaved.
 """
-from pathlib import Path
-
 import torch
 
-from _common import run_stage
+from _common import run_stage, stage_paths
+from _evaluation import dense_settings_from_params, read_wall_times
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import load_dense_evaluation
-from clipprune.evaluate.suite import dense_settings_from_params, evaluation_report, null_metric_notes, summary_metrics
+from clipprune.evaluate.suite import evaluation_report, null_metric_notes, summary_metrics
 from clipprune.io import write_json
 from clipprune.models import load_model
 
-OUT = Path("reports/metrics.json")
-DENSE = Path("artifacts/eval/dense")            # evaluate_dense: the dense model's cached evaluation
-PRUNED = Path("artifacts/models/pruned")        # export: the pruned model before distillation
-FINAL = Path("artifacts/models/distilled")      # distill: the final model (the pruned one when disabled)
-SCORES = Path("artifacts/scores/scores.safetensors")
-TIMING = {stage: Path(f"reports/timing/{stage}.json") for stage in ("score", "search", "tune", "distill")}
-MASKS = {"search": Path("artifacts/masks/search.safetensors"),
-         "rearranged": Path("artifacts/masks/rearranged.safetensors"),
-         "tuned": Path("artifacts/masks/tuned.safetensors")}
+# every path is named once, on the stage's cmd in dvc.yaml: the dense model's cached evaluation
+# (evaluate_dense), the exported model before distillation, the final model (distill; the exported one when
+# distillation is off), the scores, the masks of each step, the folder of the stages' timing files
+DENSE, PRUNED, FINAL, SCORES, SEARCHED, REARRANGED, TUNED, TIMING, OUT = stage_paths(
+    "evaluate", "dense", "pruned", "final", "scores", "searched", "rearranged", "tuned", "timing", "out",
+    main=__name__ == "__main__")
+MASKS = {"search": SEARCHED, "rearranged": REARRANGED, "tuned": TUNED}
+TIMED_STEPS = ("score", "search", "tune", "distill")
 
 
 def main(params: dict) -> None:
@@ -45,7 +43,7 @@ def main(params: dict) -> None:
     metrics = evaluation_report(
         dense, baseline, settings.data, final_dir=FINAL if pruned else None,
         before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
-        timing_files=TIMING, batch_size=settings.batch_size, seed=settings.seed, datasets=extra,
+        pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size, seed=settings.seed, datasets=extra,
         log=lambda line: print(f"evaluate: {line}"), **latency)
     metrics["summary"] = summary_metrics(metrics, *_method_and_constraint())
     write_json(OUT, metrics)

@@ -9,10 +9,11 @@ not on anything the pruning writes, so a sweep over constraints or criteria eval
 import torch
 
 from _common import run_stage, stage_paths
+from _evaluation import dense_settings_from_params
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import save_dense_evaluation
-from clipprune.evaluate.suite import dense_settings_from_params, evaluate_dense, null_metric_notes
+from clipprune.evaluate.suite import evaluate_dense, null_metric_notes
 from clipprune.models import load_model
 
 # every path is named once, on the stage's cmd in dvc.yaml

@@ -3,7 +3,7 @@ import time
 
 from _common import run_stage, stage_paths
 from clipprune.config import parse_params
-from clipprune.export import export_pruned
+from clipprune.models.pruned import export_pruned
 from clipprune.models import load_model
 from clipprune.models.masks import check_scales, load_masks, validate_masks
 

@@ -14,11 +14,11 @@ from clipprune.models import load_model
 from clipprune.models.masks import full_masks, save_masks
 from clipprune.scoring import load_scores
 from clipprune.search import available_searches, check_scores, get_search, mask_summary
-from clipprune.search.adaptive import holdout_loader, plot_trace
+from clipprune.data.holdout import holdout_loader
 
 # every path is named once, on the stage's cmd in dvc.yaml
-SCORES, CALIBRATION, OUT, TRACE, PLOT, TIMING = stage_paths(
-    "search", "scores", "calibration", "out", "trace", "plot", "timing", main=__name__ == "__main__")
+SCORES, CALIBRATION, OUT, TRACE, TIMING = stage_paths(
+    "search", "scores", "calibration", "out", "trace", "timing", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:
@@ -50,11 +50,10 @@ def main(params: dict) -> None:
     wall = time.perf_counter() - start
     summary = mask_summary(masks, views, metric)
     used = not search.needs_model
-    with commit_together():  # masks, trace, plot and timing: all or none
+    with commit_together():  # masks, trace and timing: all or none (the report stage draws the trace)
         save_masks(OUT, masks, {"method": method, "metric": metric, "constraint": constraint if used else None,
                                 "summary": summary, **extra})
         write_json(TRACE, trace)
-        plot_trace(trace, PLOT)
         write_json(TIMING, {"wall_time_s": wall})
     budget = f"constraint {constraint}" if used else f"loss_inc_thresh {extra['loss_inc_thresh']}, constraint unused"
     print(f"search: {method} kept {summary['kept_fraction']:.4f} of the prunable {metric} cost ({budget}); "

@@ -1,25 +1,23 @@
 """Stage sparsify@<target>: export one target's sparse model compactly and evaluate it.
 
-Usage: python stages/sparsify.py <target>. Reads artifacts/sparse/pruned.safetensors (stage sparse_prune),
-writes artifacts/sparse/<target>/ (bitmask + values, ``clipprune.sparsity.load_sparse``) and
-reports/sparsity/<target>.json (sparsity per layer and overall, zero-shot and retrieval of the dense and
-the sparse model, file size compact vs dense). The dense figures and text embeddings come from the cached
+Usage (dvc.yaml fills in the target and the paths): python stages/sparsify.py --target T --weights
+artifacts/sparse/pruned.safetensors --dense artifacts/eval/dense --out artifacts/sparse/T --report
+reports/sparsity/T.json. Reads the sparse weights of every target (stage sparse_prune), writes the compact
+model (bitmask + values, ``clipprune.sparsity.load_sparse``) and its report (sparsity per layer and overall,
+zero-shot and retrieval of the dense and the sparse model, file size compact vs dense). The dense figures and text embeddings come from the cached
 dense evaluation (artifacts/eval/dense, stage evaluate_dense): a sparse model whose text tower was not
 pruned takes the dense class and caption embeddings instead of encoding them again.
 """
-import json
-import sys
-from pathlib import Path
-
 import torch
 
-from _common import run_stage
+from _common import run_stage, stage_paths
+from _evaluation import dense_settings_from_params
 from clipprune.config import parse_params
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.evaluate.complexity import file_size_bytes
 from clipprune.evaluate.dense import load_dense_evaluation
 from clipprune.evaluate.embeddings import TextEncoder
-from clipprune.evaluate.suite import accuracy_metrics, dense_settings_from_params, describe_text_reuse
+from clipprune.evaluate.suite import accuracy_metrics, describe_text_reuse
 from clipprune.io import commit_together, staged, write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_losses
@@ -27,36 +25,35 @@ from clipprune.sparsity import (apply_weights, available_methods, check_target, 
                                 sparsity_config, sparsity_stats, target_name)
 from clipprune.sparsity.export import check_same_model, dense_size_bytes, read_target
 
-PRUNED = Path("artifacts/sparse/pruned.safetensors")
-DENSE = Path("artifacts/eval/dense")  # evaluate_dense: the dense model's cached evaluation
+# the target and every path come from the stage's cmd in dvc.yaml (a foreach stage: one per target, so they are
+# read when the stage runs, not at import); "dense" is the dense model's cached evaluation (stage evaluate_dense)
+OPTIONS = ("target:str", "weights", "dense", "out", "report")
 
 
 def main(params: dict) -> None:
-    if len(sys.argv) != 2:
-        raise ParamError("sparsify: expected one argument, the target sparsity (an item of sparsity.targets)")
+    target_arg, weights_path, dense_dir, out_dir, report_path = stage_paths("sparsify", *OPTIONS, main=True)
     try:
-        target = check_target(float(sys.argv[1]), "sparsify target")
+        target = check_target(float(target_arg), "sparsify --target")
     except ValueError:
-        raise ParamError(f"sparsify target must be a number in (0, 1), got {sys.argv[1]!r}") from None
+        raise ParamError(f"sparsify --target must be a number in (0, 1), got {target_arg!r}") from None
     p = parse_params(params, need=("seed", "model", "data", "sparsity", "evaluate"),
                      choices={"sparsity.method": available_methods(), "sparsity.loss": available_losses()})
     config = sparsity_config(p.sparsity)
     if target not in config.targets:
         raise ParamError(f"sparsify target {target} is not in sparsity.targets {list(config.targets)}")
     name = target_name(target)
-    weights, meta = read_target(PRUNED, name)
+    weights, meta = read_target(weights_path, name)
     model_name = p.model
     if meta.get("model") != model_name or meta.get("config") != config.as_dict():
-        raise ClipPruneError(f"{PRUNED}: written for other params (model or sparsity); rerun sparse_prune")
+        raise ClipPruneError(f"{weights_path}: written for other params (model or sparsity); rerun sparse_prune")
     settings = dense_settings_from_params(p)
-    baseline = load_dense_evaluation(DENSE, settings.inputs())
+    baseline = load_dense_evaluation(dense_dir, settings.inputs())
     data, batch_size = settings.data, settings.batch_size
     torch.manual_seed(p.seed)
     model = load_model(model_name)
     dense_bytes = dense_size_bytes(model)
     apply_weights(model, weights, config.towers)
     keys = [meta["meta"]["state_keys"][layer] for layer in weights]
-    out_dir = Path("artifacts/sparse") / name
     with commit_together():  # the compact model and its report: both or neither
         save_sparse(model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
                                                         "mask_type": config.mask.name}})
@@ -79,7 +76,7 @@ def main(params: dict) -> None:
             "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
             "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},
         }
-        write_json(Path("reports/sparsity") / f"{name}.json", report)
+        write_json(report_path, report)
     top1 = report["sparse"].get("zeroshot", {}).get("acc1")
     print(f"sparsify: {config.method} {mask.name} at {stats['overall']:.4f} sparsity: top-1 "
           f"{'n/a' if top1 is None else f'{top1:.4f}'}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "

@@ -640,7 +640,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """The tiny fixture pruned (two heads of vision layer 0, half the neurons of layer 1) and exported."""
-    from clipprune.export import export_pruned
+    from clipprune.models.pruned import export_pruned
     from clipprune.models import full_masks
 
     masks = full_masks(tiny_model)
@@ -667,7 +667,7 @@ def inconsistent_export(exported, tmp_path_factory):
 
 
 def test_exported_model_loads_back(exported, tiny_model):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     model = load_pruned(exported)  # the control: the untouched export loads
     dense_heads = tiny_model.towers["vision"].block_views()[0].num_heads
@@ -675,7 +675,7 @@ def test_exported_model_loads_back(exported, tiny_model):
 
 
 def test_load_pruned_config_inconsistent_with_weights_names_the_file(inconsistent_export):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     with pytest.raises(ClipPruneError) as info:
         load_pruned(inconsistent_export)
@@ -685,7 +685,7 @@ def test_load_pruned_config_inconsistent_with_weights_names_the_file(inconsisten
 
 
 def test_load_pruned_config_head_count_inconsistent(exported, tmp_path):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     dest = _copy_export(exported, tmp_path / "pruned")
     config = json.loads((dest / "config.json").read_text())
@@ -697,7 +697,7 @@ def test_load_pruned_config_head_count_inconsistent(exported, tmp_path):
 
 @pytest.mark.parametrize("cut", ["truncated", "garbage", "empty"])
 def test_load_pruned_corrupt_safetensors(exported, tmp_path, cut):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     dest = _copy_export(exported, tmp_path / "pruned")
     weights = dest / "model.safetensors"
@@ -798,7 +798,7 @@ VISION = "base.model_cfg.vision_cfg"
     ("base.tokenizer.context_length", 0, "base.tokenizer.context_length must be an integer in [1, 65536], got 0"),
 ])
 def test_load_pruned_checks_every_width_of_config_json(exported, tmp_path, dotted, value, expected):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     dest = _edited_export(exported, tmp_path / "pruned", dotted, value)
     with pytest.raises(ClipPruneError) as info:
@@ -809,7 +809,7 @@ def test_load_pruned_checks_every_width_of_config_json(exported, tmp_path, dotte
 
 
 def test_load_pruned_refuses_an_architecture_too_large_to_build(exported, tmp_path):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     dest = _edited_export(exported, tmp_path / "pruned", VISION, {"width": 65536, "head_width": 64, "layers": 1024,
                                                                   "patch_size": 4, "image_size": 32})
@@ -856,7 +856,7 @@ def _retyped_weights(path: Path, key: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float16])
 def test_load_pruned_refuses_weights_of_another_dtype(exported, tmp_path, dtype):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     dest = _copy_export(exported, tmp_path / "pruned")
     _retyped_weights(dest / "model.safetensors", "visual.proj", dtype)

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clipprune import flops
 from clipprune.errors import MaskError, ParamError
-from clipprune.export import export_pruned, load_pruned
+from clipprune.models.pruned import export_pruned, load_pruned
 from clipprune.models import full_masks, load_model
 from clipprune.models.base import BlockView
 from clipprune.models.prune import prune_model

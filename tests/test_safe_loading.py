@@ -184,7 +184,7 @@ def test_mask_file_that_is_a_pickle_is_refused(tmp_path, marker, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pruned_export_weights_that_are_a_pickle_are_refused(tmp_path, marker, kind):
-    from clipprune.export import export_pruned, load_pruned
+    from clipprune.models.pruned import export_pruned, load_pruned
     from clipprune.models import load_model
 
     out = export_pruned(load_model("fixture:tiny_clip"), None, tmp_path / "pruned")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipprune.data.archive import fetch_and_extract
-from clipprune.export import export_pruned, load_pruned
+from clipprune.models.pruned import export_pruned, load_pruned
 from fixture_scripts import digits_dataset
 from models import OPEN_CLIP_CFG, random_masks, tiny_open_clip
 

@@ -35,7 +35,7 @@ SMALL = {"enabled": True, "mode": "distill", "loss": "mse", "nproc": 1, "num_sam
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from clipprune.export import export_pruned
+    from clipprune.models.pruned import export_pruned
     from clipprune.models import load_model
     from models import random_masks
 
@@ -86,7 +86,7 @@ def test_disabled_passes_the_pruned_model_through_byte_identically(repo):
 
 @pytest.mark.slow
 def test_enabled_run_writes_a_loadable_model_logs_and_no_checkpoint(repo):
-    from clipprune.export import load_pruned
+    from clipprune.models.pruned import load_pruned
 
     clean(repo)
     set_distill(repo, epochs=2)

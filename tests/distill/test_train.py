@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from clipprune.distill import (Batch, CheckpointError, DistillConfig, RetrainRow, TrainImages, distill_loss,
-                               keep_ratio, load_checkpoint, plan_training, train, vision_tokens)
+                               keep_ratio, load_checkpoint, plan_training, train)
 from clipprune.errors import ParamError
-from clipprune.export import load_pruned
+from clipprune.models.pruned import load_pruned
 from clipprune.models import load_model
 from models import tiny_hf
 
@@ -41,7 +41,7 @@ def test_token_features_start_with_the_image_embedding(family, teacher):
     model = teacher if family == "open_clip" else tiny_hf(seed=0)
     images = torch.randn(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tokens = vision_tokens(model, images)
+        tokens = model.vision_tokens(images)
         embedding = model.encode_image(images)
     assert tokens.shape[:2] == (3, model.towers["vision"].tokens) and tokens.shape[2] == embedding.shape[1]
     torch.testing.assert_close(tokens[:, 0], embedding, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ from clipprune.errors import DataError
 from clipprune.evaluate.embeddings import (TextEncoder, load_text_embeddings, reallocate_tensors,
                                            save_text_embeddings, text_tower_fingerprint)
 from clipprune.evaluate.zeroshot import build_classifier, encode_texts
-from clipprune.export import export_pruned, load_pruned
+from clipprune.models.pruned import export_pruned, load_pruned
 from clipprune.models import apply_masks, full_masks, load_model
 from models import random_hf_module, random_masks, single_thread_fixture, write_tiny_tokenizer
 

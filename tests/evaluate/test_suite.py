@@ -11,7 +11,7 @@ import torch
 from clipprune.evaluate import embeddings as embeddings_module
 from clipprune.evaluate.suite import (EvalData, accuracy_metrics, compare_latency, evaluate_dense, evaluate_masked, evaluation_report,
                                       model_metrics, null_metric_notes)
-from clipprune.export import export_pruned, load_pruned
+from clipprune.models.pruned import export_pruned, load_pruned
 from clipprune.models import full_masks, load_model, save_masks
 from models import single_thread_fixture
 

@@ -15,11 +15,19 @@ import yaml
 from clipprune.errors import DataError
 from clipprune.evaluate.suite import summary_metrics
 from clipprune.models.masks import save_masks
-from clipprune.report import (ReportPaths, heatmap_matrices, kept_units, kept_units_rows, load_metrics, neuron_bins,
+from clipprune.report import (ReportPaths, heatmap_matrices, kept_units, kept_units_rows, load_metrics,
+                              load_search_trace, neuron_bins,
                               pareto_point, summary_markdown, write_report)
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS, HEADS, FFN = 4, 3, 48
+# an adaptive search's trace of two blocks (what the search stage writes to search_trace.json)
+TRACE = {"method": "adaptive", "loss": "entropy", "loss_inc_thresh": 0.02, "layers": [
+    {"tower": "vision", "layer": 1, "width": 48, "loss_before": 1.0, "accepted_width": 24, "loss_after": 1.01,
+     "candidates": [{"width": 24, "loss": 1.01, "increase": 0.01, "accepted": True},
+                    {"width": 12, "loss": 1.2, "increase": 0.19, "accepted": False}]},
+    {"tower": "vision", "layer": 0, "width": 48, "loss_before": 1.01, "accepted_width": 48, "loss_after": 1.01,
+     "candidates": [{"width": 24, "loss": 1.5, "increase": 0.49, "accepted": False}]}]}
 
 
 def model_metrics(acc1, r1_t2i, r1_i2t, params, gmacs, latency):
@@ -143,7 +151,7 @@ def test_summary_markdown_matches_metrics(metrics, masks):
 
 def test_write_report_files(tmp_path, metrics, masks):
     paths = ReportPaths(tmp_path / "reports")
-    drawn = write_report(metrics, masks, paths, dpi=40)
+    drawn = write_report(metrics, masks, TRACE, paths, dpi=40)
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.all())
     assert json.loads(paths.pareto.read_text()) == [drawn["pareto"]]
     assert len(json.loads(paths.kept_units.read_text())) == LAYERS
@@ -153,10 +161,24 @@ def test_write_report_files(tmp_path, metrics, masks):
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 100
     # same inputs, same bytes (no timestamps / versions in the PNGs)
     again = ReportPaths(tmp_path / "again")
-    write_report(metrics, masks, again, dpi=40)
+    write_report(metrics, masks, TRACE, again, dpi=40)
     assert paths.kept_units_png.read_bytes() == again.kept_units_png.read_bytes()
     assert paths.accuracy_png.read_bytes() == again.accuracy_png.read_bytes()
+    assert paths.search_trace_png.read_bytes() == again.search_trace_png.read_bytes()
     assert [p["name"] for p in drawn["points"]] == ["dense", "search masks", "tuned masks", "exported"]
+
+
+def test_load_search_trace_errors(tmp_path):
+    with pytest.raises(DataError, match="search trace not found"):
+        load_search_trace(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    for text, match in (("{not json", "not valid JSON"), ('{"layers": []}', "expected an object with 'method'"),
+                        ('{"method": "mac", "layers": 3}', "a 'layers' list")):
+        bad.write_text(text)
+        with pytest.raises(DataError, match=match):
+            load_search_trace(bad)
+    bad.write_text(json.dumps(TRACE))
+    assert load_search_trace(bad) == TRACE
 
 
 def test_load_metrics_errors(tmp_path):
@@ -175,6 +197,9 @@ def make_stage_dir(root: Path, metrics: dict, masks: dict | None) -> Path:
     (root / "stages").mkdir(parents=True)
     for name in ("report.py", "_common.py"):
         shutil.copy2(REPO / "stages" / name, root / "stages" / name)
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")  # the stage's paths are on its cmd there
+    (root / "artifacts/masks").mkdir(parents=True)
+    (root / "artifacts/masks/search_trace.json").write_text(json.dumps(TRACE))
     (root / "params.yaml").write_text(yaml.safe_dump({"report": {"dpi": 40}}))
     (root / "reports").mkdir()
     (root / "reports/metrics.json").write_text(json.dumps(metrics))
@@ -228,5 +253,5 @@ def test_report_without_step_evaluations(tmp_path, metrics, masks):
     del metrics["steps"]
     md = summary_markdown(metrics, kept_units(masks))
     assert "Pruning steps" not in md and "Dense vs pruned" in md
-    drawn = write_report(metrics, masks, ReportPaths(tmp_path / "reports"), dpi=40)
+    drawn = write_report(metrics, masks, TRACE, ReportPaths(tmp_path / "reports"), dpi=40)
     assert [p["name"] for p in drawn["points"]] == ["dense", "exported"]

@@ -8,7 +8,7 @@ from clipprune.errors import MaskError, ParamError
 from clipprune.models import apply_masks, full_masks
 from clipprune.scoring import get_loss
 from clipprune.search import get_search, mask_summary
-from clipprune.search.adaptive import holdout_pairs, plot_trace
+from clipprune.report.plots import plot_search_trace
 
 from models import sample_inputs, single_thread_fixture, tiny_model
 
@@ -176,38 +176,12 @@ def test_tail_batch_of_one_joins_the_previous_batch(model):
     assert report_a["dense_loss"] == report_b["dense_loss"] and report_a["holdout_samples"] == 5
 
 
-class FakeCaptions:
-    """The parts of CocoCaptions that holdout_pairs reads."""
-
-    annotation_file = "captions_train.json"
-
-    def __init__(self, images=20, captions=3):
-        self.image_ids = list(range(1, images + 1))
-        self._anns = {i: [100 * i + k for k in range(captions)] for i in self.image_ids}
-
-    def annotation_ids(self, image_id):
-        return list(self._anns[image_id])
-
-
-def test_holdout_pairs_disjoint_deterministic():
-    dataset = FakeCaptions()
-    calibration = [{"image_id": i, "annotation_id": 100 * i} for i in range(1, 13)]
-    pairs = holdout_pairs(dataset, calibration, 6, seed=0)
-    assert pairs == holdout_pairs(dataset, calibration, 6, seed=0)
-    assert pairs != holdout_pairs(dataset, calibration, 6, seed=1)
-    images = [p["image_id"] for p in pairs]
-    assert len(set(images)) == 6 and not set(images) & set(range(1, 13))
-    assert all(p["annotation_id"] in dataset.annotation_ids(p["image_id"]) for p in pairs)
-    with pytest.raises(ParamError, match=r"^search\.holdout_samples must be <= 8 "):
-        holdout_pairs(dataset, calibration, 9, seed=0)
-
-
 def test_plot_trace(model, tmp_path):
     _, report = run(model, 0.01, halvings=2)
-    plot_trace(report, tmp_path / "trace.png")
-    plot_trace({"method": "mac", "layers": []}, tmp_path / "none.png")
+    plot_search_trace(report, tmp_path / "trace.png")
+    plot_search_trace({"method": "mac", "layers": []}, tmp_path / "none.png")
     for name in ("trace.png", "none.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = (tmp_path / "trace.png").read_bytes()
-    plot_trace(report, tmp_path / "trace.png")
+    plot_search_trace(report, tmp_path / "trace.png")
     assert (tmp_path / "trace.png").read_bytes() == first  # byte-stable for equal traces

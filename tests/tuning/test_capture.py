@@ -8,7 +8,7 @@ import torch
 from clipprune.errors import DataError, ModelLoadError
 from clipprune.models import apply_masks
 from clipprune.tuning.capture import (block_parts, capture_block_input, iter_tower_batches, record_output,
-                                      text_pooling, text_valid_positions)
+                                      text_valid_positions)
 from models import (EOT_ID, OPEN_CLIP_CFG, hf_clip_config, random_masks, sample_inputs, single_thread_fixture,
                     tiny_model, tiny_open_clip)
 
@@ -144,7 +144,7 @@ POOLING_CASES = {
 def test_valid_positions_are_the_positions_that_reach_the_embedding(case):
     build, eos, rule, causal = POOLING_CASES[case]
     model = build()
-    assert (text_pooling(model).rule, text_pooling(model).causal) == (rule, causal)
+    assert (model.text_pooling().rule, model.text_pooling().causal) == (rule, causal)
     tokens = crafted_tokens(model, eos)
     valid = text_valid_positions(model, tokens)
     truth = influence(model, tokens)
@@ -158,7 +158,7 @@ def test_bidirectional_tower_with_padding_mask():
     model = open_clip_with_text(True, no_causal_mask=True, pool_type="last")
     model.module.text.use_pad_mask = True  # TextTransformer's pad-key mask (not reachable from a model config)
     tokens = crafted_tokens(model, EOT_ID)
-    assert text_pooling(model).pad_id == 0
+    assert model.text_pooling().pad_id == 0
     valid = text_valid_positions(model, tokens)
     assert torch.equal(valid, influence(model, tokens))
     assert not bool(valid.all())

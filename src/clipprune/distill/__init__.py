@@ -4,7 +4,7 @@ from .config import (DEFAULT_RETRAIN_SCHEDULE, DistillConfig, RetrainRow, distil
                      parse_distill_params, parse_schedule, retrain_row, scaled_lr)
 from .data import TrainImages, epoch_plan, select_images, shard
 from .distributed import DistContext, init_distributed, launch, under_torchrun
-from .features import keep_ratio, vision_tokens
+from .features import keep_ratio
 from .losses import Batch, distill_loss
 from .runner import DistillPaths, check_resumable, passthrough, run_distill, run_fingerprint, write_disabled_logs
 from .train import TrainingPlan, TrainResult, plan_training, train
@@ -15,7 +15,7 @@ __all__ = [
     "parse_schedule", "retrain_row", "scaled_lr",
     "TrainImages", "epoch_plan", "select_images", "shard",
     "DistContext", "init_distributed", "launch", "under_torchrun",
-    "keep_ratio", "vision_tokens",
+    "keep_ratio",
     "Batch", "distill_loss",
     "DistillPaths", "check_resumable", "passthrough", "run_distill", "run_fingerprint", "write_disabled_logs",
     "TrainingPlan", "TrainResult", "plan_training", "train",

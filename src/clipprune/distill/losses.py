@@ -1,7 +1,7 @@
 """Distillation losses of a pruned student against its dense teacher (no labels).
 
 * ``mse`` (AMP): mean squared error of the vision tower's projected token features (CLS and patches, see
-  ``features.vision_tokens``); when the text tower trains too, plus the MSE of the text embeddings.
+  ``ClipModel.vision_tokens``); when the text tower trains too, plus the MSE of the text embeddings.
 * ``kl``: KL(teacher ‖ student) between softmax distributions of scaled cosine similarities within the
   global batch, image→text and text→image averaged (``image_text``) or image→other images (``image_image``,
   self-similarity left out).
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from ..models.base import ClipModel
 from .config import DistillConfig
 from .distributed import DistContext
-from .features import vision_tokens
 
 
 @dataclass
@@ -69,8 +68,8 @@ def mse_loss(student: ClipModel, teacher: ClipModel, batch: Batch, config: Disti
     loss = batch.images.new_zeros(())
     if "vision" in config.towers:
         with torch.no_grad():
-            target = vision_tokens(teacher, batch.images)
-        loss = loss + F.mse_loss(vision_tokens(student, batch.images), target)
+            target = teacher.vision_tokens(batch.images)
+        loss = loss + F.mse_loss(student.vision_tokens(batch.images), target)
     if "text" in config.towers:
         tokens = student.tokenizer(batch.captions).to(batch.images.device)
         with torch.no_grad():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ClipPruneError
-from ..export import CONFIG_NAME, WEIGHTS_NAME, export_pruned, load_pruned
+from ..models.pruned import CONFIG_NAME, WEIGHTS_NAME, export_pruned, load_pruned
 from ..io import atomic_dir, commit_together
 from ..models import load_model
 from .checkpoint import load_checkpoint

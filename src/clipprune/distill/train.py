@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint, check_against, load_checkpoint, restore_rng,
 from .config import DistillConfig, RetrainRow, lr_at, retrain_row
 from .data import TrainImages, epoch_plan, shard, steps_per_epoch
 from .distributed import DistContext
-from .features import keep_ratio, named_trainables, top_block_parameters, tower_parameters
+from .features import keep_ratio, named_trainables, top_block_parameters
 from .losses import Batch, distill_loss
 
 
@@ -82,7 +82,7 @@ class TrainingLogger:
 
 def _trainable(student: ClipModel, plan: TrainingPlan) -> list[torch.nn.Parameter]:
     if plan.top_blocks is None:
-        params = [p for tower in plan.towers for p in tower_parameters(student, tower)]
+        params = [p for tower in plan.towers for p in student.tower_parameters(tower)]
     else:
         params = [p for tower in plan.towers for p in top_block_parameters(student, tower, plan.top_blocks)]
     return list(dict.fromkeys(params))  # unique, stable order

@@ -13,13 +13,12 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..config import Params
 from ..data.coco import CocoCaptions, collate_image_captions
-from ..data.evalsets import EvalDataset, EvalDatasetSpec
+from ..data.evalsets import EvalDataset
 from ..data.imagefolder import ImageFolderClassification, load_classnames, load_templates
 from ..models.base import ClipModel
 from .complexity import model_complexity
-from .dense import DenseEvaluation, evaluation_inputs
+from .dense import DenseEvaluation
 from .embeddings import TextEmbeddings, TextEncoder, reallocate_tensors, text_tower_fingerprint
 from .latency import measure_latency
 from .retrieval import evaluate_retrieval
@@ -28,7 +27,7 @@ from .zeroshot import model_device, zero_shot_classification
 
 @dataclass(frozen=True)
 class EvalData:
-    """Where the evaluation data lives (paths already resolved against the raw-data folder)."""
+    """Where the evaluation data lives (paths as the caller resolved them)."""
 
     retrieval_images: Path
     retrieval_captions: Path
@@ -38,48 +37,13 @@ class EvalData:
     max_retrieval_images: int | None = None
 
 
-def eval_data_from_params(params: Params) -> EvalData:
-    """The evaluation splits that params.yaml names (``data.*`` and ``evaluate.*``), paths under data/raw/."""
-    data, split = params.data, params.evaluate.retrieval_split
-    classification = data.layout.classification is not None
-    return EvalData(
-        retrieval_images=data.path(f"{split}_images"),
-        retrieval_captions=data.path(f"{split}_captions"),
-        classification=data.path("classification") if classification else None,
-        classnames=data.path("classnames") if classification else None,
-        templates=data.path("templates") if classification else None,
-        max_retrieval_images=params.evaluate.max_retrieval_images,
-    )
-
-
-@dataclass(frozen=True)
-class DenseSettings:
-    """What the dense evaluation depends on, parsed from params (``model``, ``seed``, ``data.*``,
-    ``evaluate.batch_size`` / ``retrieval_split`` / ``max_retrieval_images`` / ``datasets``)."""
-
-    model: str
-    seed: int
-    batch_size: int
-    data: EvalData
-    datasets: tuple[EvalDatasetSpec, ...]
-
-    def inputs(self) -> dict:
-        return evaluation_inputs(self.model, self.seed, self.batch_size, self.data, self.datasets)
-
-
-def dense_settings_from_params(params: Params) -> DenseSettings:
-    """What the dense evaluation depends on, from params parsed with ``seed``, ``model``, ``data``, ``evaluate``."""
-    return DenseSettings(model=params.model, seed=params.seed, batch_size=params.evaluate.batch_size,
-                         data=eval_data_from_params(params), datasets=params.evaluate.datasets)
-
-
 def evaluate_dense(model: ClipModel, data: EvalData, *, inputs: dict, batch_size: int = 128,
                    datasets: Sequence[EvalDataset] = (), progress: bool = True) -> DenseEvaluation:
     """The dense model's cached evaluation: :func:`model_metrics`, its file size in the export format and
     its class and caption embeddings (for the models evaluated next to it); ``inputs`` is recorded with it."""
     import tempfile
 
-    from ..export import export_pruned
+    from ..models.pruned import export_pruned
     from .complexity import file_size_mb
 
     reallocate_tensors(model.eval())  # as evaluation_report does: the fingerprint sees flags and alignment
@@ -259,7 +223,7 @@ def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup
 def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalData, *,
                       final_dir: Path | None = None, before_distill_dir: Path | None = None,
                       mask_files: dict[str, Path] | None = None, steps: bool = True,
-                      timing_files: dict[str, Path] | None = None, batch_size: int = 128, latency_batch: int = 32,
+                      pruning_times: dict[str, float] | None = None, batch_size: int = 128, latency_batch: int = 32,
                       latency_warmup: int = 3, latency_repeats: int = 10, seed: int = 0, progress: bool = True,
                       datasets: Sequence[EvalDataset] = (), log=print) -> dict:
     """The evaluate stage's metrics: the cached dense evaluation next to the final model's.
@@ -273,13 +237,11 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     the final text tower is the dense one, see :func:`compare_latency`); ``dense_file_mb``;
     ``before_distill`` (accuracy of the model in ``before_distill_dir``, when given); ``steps`` (accuracy of
     the dense model under each step's masks, when ``steps``) and ``pruning_time_s`` (wall time of each
-    pruning stage, read from ``timing_files``: JSON files with a ``wall_time_s`` key). ``datasets`` (extra
+    pruning stage in seconds, as given in ``pruning_times``). ``datasets`` (extra
     evaluation sets) are evaluated on the final model only. Text embeddings are reused from ``baseline``
     for every model whose text tower is unchanged; ``log`` gets one line per model saying which.
     """
-    import json
-
-    from ..export import load_pruned
+    from ..models.pruned import load_pruned
     from ..models.masks import load_masks
     from .complexity import file_size_mb
 
@@ -326,8 +288,7 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
                                                  progress=progress, label=f"{step} masks", reuse=baseline.text,
                                                  log=log)
                            for step, path in mask_files.items()}
-    times = {step: json.loads(Path(path).read_text())["wall_time_s"]
-             for step, path in (timing_files or {}).items() if Path(path).is_file()}
+    times = dict(pruning_times or {})
     # total: the pruning itself (score, search, tune); distillation is training and is listed on its own
     report["pruning_time_s"] = {**times, "total": sum(t for step, t in times.items() if step != "distill")}
     return report

@@ -1,12 +1,13 @@
 """CLIP model adapters (open_clip, transformers), head/neuron masks, and physical pruning."""
-from .base import TOWERS, BlockLayout, BlockView, ClipModel, EncoderTower, Tower
+from . import hf_adapter, open_clip_adapter  # noqa: F401  (each registers its family in MODEL_FAMILIES)
+from .base import MODEL_FAMILIES, TOWERS, BlockLayout, BlockView, ClipModel, EncoderTower, Tower
 from .loading import LOADERS, fixtures_root, load_model
 from .masks import (apply_masks, full_masks, load_masks, mask_key, mask_shape, parse_mask_key, save_masks,
                     validate_masks)
 from .prune import prune_model
 
 __all__ = [
-    "TOWERS", "BlockLayout", "BlockView", "ClipModel", "EncoderTower", "Tower",
+    "MODEL_FAMILIES", "TOWERS", "BlockLayout", "BlockView", "ClipModel", "EncoderTower", "Tower",
     "LOADERS", "fixtures_root", "load_model",
     "apply_masks", "full_masks", "load_masks", "mask_key", "mask_shape", "parse_mask_key", "save_masks",
     "validate_masks", "prune_model",

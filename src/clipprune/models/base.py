@@ -1,5 +1,10 @@
 """One interface over CLIP families (open_clip, transformers) for each tower.
 
+Everything family-specific lives in the family's adapter module (``open_clip_adapter``, ``hf_adapter``),
+registered in ``MODEL_FAMILIES`` under its ``family`` name: how its blocks are reached, how it is rebuilt from
+an export config, where its text embedding is pooled, its feature taps and per-tower parameters. Adding a
+family is one adapter module that subclasses ``ClipModel`` and registers itself.
+
 A ``ClipModel`` wraps the underlying ``nn.Module`` and exposes, per tower ("vision", "text"), the list of
 transformer blocks with their shapes and two hook points per block:
 
@@ -14,14 +19,34 @@ from __future__ import annotations
 import copy as _copy
 import math
 from dataclasses import dataclass, asdict
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..registry import Registry
 
 TOWERS = ("vision", "text")
+
+# adapter classes by family name (the ``family`` of an export config); models/__init__ imports the adapters
+MODEL_FAMILIES = Registry("base.family", "model family")
+
+
+@dataclass(frozen=True)
+class TextPooling:
+    """Where a text tower reads its embedding from, and which positions can reach it.
+
+    ``rule``: ``argmax`` (the highest token id: CLIP's EOT), ``eos`` (the first ``eos_id``), ``first``,
+    ``last``, or ``none`` (no pooling: every position is an output). ``causal``: position ``t`` sees only
+    positions ≤ ``t``. ``pad_id``: a bidirectional tower that masks padding keys (open_clip ``use_pad_mask``).
+    """
+
+    rule: str
+    eos_id: int | None
+    causal: bool
+    pad_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +231,30 @@ class ClipModel:
         """Parameters of one tower's encoder (embeddings and projection included)."""
         raise NotImplementedError
 
+    # family-specific pieces used by tuning, export and distillation ------------------------------
+    @classmethod
+    def from_export(cls, config: dict, name: str, directory: Path, prefix: str = "") -> "ClipModel":
+        """The random-initialised dense model an export ``config`` describes, with the side files that
+        ``save_side_files`` wrote to ``directory`` (ModelLoadError naming the key under ``prefix``)."""
+        raise NotImplementedError
+
+    def save_side_files(self, directory: Path) -> None:
+        """Write what an exported model needs besides weights and config (e.g. tokenizer files); default none."""
+
+    def text_pooling(self) -> TextPooling:
+        """Where the text embedding is read from, taken from the modules that apply it (ModelLoadError if the
+        tower pools in a way mask tuning cannot follow)."""
+        raise NotImplementedError
+
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected final token features ``(batch, tokens, embed_dim)`` of the vision tower; row 0 equals
+        ``encode_image`` (CLS pooling). ModelLoadError for a vision tower that pools otherwise."""
+        raise NotImplementedError
+
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """Every parameter of one tower (encoder, embeddings, final norm, projection), each once."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------ widths read back from config files
 # Upper bounds for the widths a config file may ask for: far above any CLIP (ViT-bigG: width 1664, 48
@@ -275,3 +324,13 @@ def check_preprocess_config(config: dict, prefix: str = "") -> None:
             what = "positive " if key == "image_std" else ""
             raise ModelLoadError(f"{prefix}{key} must be a list of 3 finite {what}numbers (one per RGB "
                                  f"channel), got {values!r}")
+
+
+def unique_parameters(params) -> list[nn.Parameter]:
+    """``params`` without repeats (tied or shared parameters), in first-seen order."""
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

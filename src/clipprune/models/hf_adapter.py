@@ -6,16 +6,19 @@ head hooks and head slicing work on the original modules; nothing is replaced on
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, BlockLayout, ClipModel, EncoderTower, Tower,
-                   check_encoder_widths, check_param_budget, check_preprocess_config, config_int)
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, BlockLayout, ClipModel,
+                   EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget, check_preprocess_config,
+                   config_int, unique_parameters)
 
 HF_LAYOUT = BlockLayout(attn="self_attn", mlp="mlp", fc1="fc1", fc2="fc2")
+TOKENIZER_DIR = "tokenizer"  # where an exported model keeps its tokenizer files
 
 # OpenAI CLIP normalisation, the default of CLIPImageProcessor
 DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,6 +60,7 @@ def make_preprocess(config: dict) -> Callable:
                            std=tuple(config["image_std"]), interpolation="bicubic")
 
 
+@MODEL_FAMILIES.register("hf")
 class HFClipModel(ClipModel):
     """``ClipModel`` over a transformers ``CLIPModel``.
 
@@ -106,6 +110,26 @@ class HFClipModel(ClipModel):
             raise ModelLoadError(f"{name}: invalid CLIPConfig ({type(err).__name__}: {detail})") from None
         return cls(module.eval(), name, config, tokenizer=tokenizer)
 
+    @classmethod
+    def from_export(cls, config: dict, name: str, directory, prefix: str = "") -> "HFClipModel":
+        """Also reads the tokenizer ``save_side_files`` wrote (a model exported without one has none)."""
+        tokenizer = None
+        tok_dir = Path(directory) / TOKENIZER_DIR
+        if tok_dir.is_dir():
+            from transformers import CLIPTokenizerFast
+
+            try:
+                tokenizer = HFTokenizer(CLIPTokenizerFast.from_pretrained(str(tok_dir)),
+                                        int(config["context_length"]))
+            except Exception as err:
+                raise ModelLoadError(f"{tok_dir}: tokenizer files are unreadable ({err})") from err
+        return cls.from_config(config, name, tokenizer=tokenizer, prefix=prefix)
+
+    def save_side_files(self, directory) -> None:
+        saver = getattr(self.tokenizer, "save_pretrained", None)
+        if saver is not None:
+            saver(Path(directory) / TOKENIZER_DIR)
+
     def _make_towers(self) -> dict[str, Tower]:
         vision_cfg = self.module.config.vision_config
         text_cfg = self.module.config.text_config
@@ -137,6 +161,27 @@ class HFClipModel(ClipModel):
         else:
             raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
         return sum(p.numel() for part in parts for p in part.parameters())
+
+    def text_pooling(self) -> TextPooling:
+        """transformers 5 ``CLIPTextTransformer``: always causal; pools at the first ``eos_token_id``, or at the
+        argmax token when the config keeps the legacy id 2."""
+        eos = getattr(self.module.text_model, "eos_token_id", None)
+        if isinstance(eos, bool) or not isinstance(eos, int):
+            raise ModelLoadError(f"{self.name}: text_config.eos_token_id must be one integer (the token the text "
+                                 f"embedding is pooled at), got {eos!r}")
+        return TextPooling("argmax" if eos == 2 else "eos", eos, causal=True)
+
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        vision = self.module.vision_model
+        hidden = vision(pixel_values=images).last_hidden_state
+        return self.module.visual_projection(vision.post_layernorm(hidden))
+
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        if tower not in ("vision", "text"):
+            raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+        parts = ((self.module.vision_model, self.module.visual_projection) if tower == "vision"
+                 else (self.module.text_model, self.module.text_projection))
+        return unique_parameters(p for part in parts for p in part.parameters())
 
 
 def check_clip_config(clip_config, prefix: str = "clip_config") -> None:

@@ -333,7 +333,7 @@ def _finite_number(value) -> bool:
 
 
 def _load_pruned(spec: str, device: str) -> ClipModel:
-    from ..export import load_pruned
+    from ..models.pruned import load_pruned
 
     return load_pruned(spec, device=device)
 

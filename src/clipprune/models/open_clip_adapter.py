@@ -14,10 +14,14 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .attention import MultiHeadSelfAttention
-from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, BlockLayout, ClipModel, EncoderTower, Tower,
-                   check_encoder_widths, check_param_budget, check_preprocess_config, config_int)
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, BlockLayout, ClipModel,
+                   EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget, check_preprocess_config,
+                   config_int, unique_parameters)
 
 OPEN_CLIP_LAYOUT = BlockLayout(attn="attn", mlp="mlp", fc1="c_fc", fc2="c_proj")
+# text pooling rules of open_clip 3.3.0 (``text_global_pool``; ``TextTransformer`` accepts exactly these)
+OPEN_CLIP_POOL_TYPES = ("argmax", "eos", "first", "last", "none")
+_MISSING = object()
 
 
 def _text_tower_parts(module: nn.Module):
@@ -187,6 +191,7 @@ def make_open_clip_preprocess(config: dict) -> Callable:
     )
 
 
+@MODEL_FAMILIES.register("open_clip")
 class OpenClipModel(ClipModel):
     """``ClipModel`` over an open_clip ``CLIP`` / ``CustomTextCLIP`` with a ViT vision tower.
 
@@ -224,6 +229,10 @@ class OpenClipModel(ClipModel):
         config_int(tokenizer.get("context_length"), f"{prefix}tokenizer.context_length", MAX_CONTEXT)
         return cls(build_open_clip_module(config.get("model_cfg"), f"{prefix}model_cfg"), name, config)
 
+    @classmethod
+    def from_export(cls, config: dict, name: str, directory, prefix: str = "") -> "OpenClipModel":
+        return cls.from_config(config, name, prefix=prefix)  # the tokenizer is rebuilt from config["tokenizer"]
+
     def _make_towers(self) -> dict[str, Tower]:
         visual = self.module.visual
         grid = visual.grid_size
@@ -256,6 +265,62 @@ class OpenClipModel(ClipModel):
                 skip.add(id(self.module.logit_bias))
             return sum(p.numel() for p in self.module.parameters() if id(p) not in skip)
         raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+
+    def _text_attribute(self, owner, name: str):
+        value = getattr(owner, name, _MISSING)
+        if value is _MISSING:
+            raise ModelLoadError(f"{self.name}: the text tower ({type(owner).__name__}) has no {name}; mask tuning "
+                                 f"cannot tell which token positions reach the text embedding")
+        return value
+
+    def text_pooling(self) -> TextPooling:
+        """``CLIP``: the ``text_pool_type`` rule; ``CustomTextCLIP``: its ``TextTransformer``'s ``pool_type``;
+        causal unless built with ``no_causal_mask``."""
+        text = getattr(self.module, "text", None)
+        if text is not None:  # CustomTextCLIP: pooling lives on its TextTransformer
+            if self._text_attribute(text, "cls_emb") is not None:
+                raise ModelLoadError(f"{self.name}: the text tower appends a class token (embed_cls) and pools it; "
+                                     f"mask tuning does not support this text tower")
+            rule, eos = self._text_attribute(text, "pool_type"), self._text_attribute(text, "eos_id")
+            causal = self._text_attribute(text, "attn_mask") is not None
+            pad_id = self._text_attribute(text, "pad_id") if getattr(text, "use_pad_mask", False) else None
+        else:
+            owner = self.module
+            rule, eos = self._text_attribute(owner, "text_pool_type"), self._text_attribute(owner, "text_eos_id")
+            causal, pad_id = self._text_attribute(owner, "attn_mask") is not None, None
+        if rule not in OPEN_CLIP_POOL_TYPES:
+            raise ModelLoadError(f"{self.name}: unknown text pooling rule {rule!r} (mask tuning knows "
+                                 f"{', '.join(OPEN_CLIP_POOL_TYPES)})")
+        if rule == "eos" and not isinstance(eos, int):
+            raise ModelLoadError(f"{self.name}: text pooling rule 'eos' needs an integer eos id, got {eos!r}")
+        return TextPooling(rule, eos, causal, pad_id)
+
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.module.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+            raise ModelLoadError("token distillation needs a ViT whose final LayerNorm acts on every token "
+                                 "(no attentional pooling / final_ln_after_pool); use distill.loss=kl")
+        x = visual.transformer(visual._embeds(images))
+        x = visual.ln_post(x)
+        return x @ visual.proj if visual.proj is not None else x
+
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """For the plain ``CLIP`` text tower also the positional embedding and projection, which are bare
+        parameters of the top module."""
+        module = self.module
+        if tower == "vision":
+            return unique_parameters(module.visual.parameters())
+        if tower != "text":
+            raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+        if hasattr(module, "text"):  # CustomTextCLIP
+            return unique_parameters(module.text.parameters())
+        params = [p for m in (module.transformer, module.token_embedding, module.ln_final) for p in m.parameters()]
+        params.append(module.positional_embedding)
+        if isinstance(getattr(module, "text_projection", None), nn.Parameter):
+            params.append(module.text_projection)
+        elif getattr(module, "text_projection", None) is not None:
+            params += list(module.text_projection.parameters())
+        return unique_parameters(params)
 
 
 def _config_head_dims(model_cfg: dict) -> tuple[int, int]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..io import atomic_path
 from .tables import NEURON_BINS, neuron_bins, ordered_steps
 
@@ -100,3 +102,40 @@ def plot_accuracy_vs_mac(metrics: dict, path: str | Path, dpi: int = 100) -> lis
     fig.tight_layout()
     _save(fig, Path(path), dpi)
     return points
+
+
+def plot_search_trace(trace: dict, path: Path, dpi: int = 100) -> None:
+    """PNG of a search trace: held-out loss of every candidate width per block (left), kept neurons per
+    block against the dense width (right). A trace without ``layers`` (non-adaptive searches) gets a note."""
+    plt = _pyplot()
+    layers = list(trace.get("layers") or [])
+    if not layers:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"search '{trace.get('method', '?')}': no per-block trace", ha="center", va="center")
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        cmap = plt.get_cmap("viridis")
+        for k, entry in enumerate(layers):
+            points = sorted([(entry["width"], entry["loss_before"])]
+                            + [(c["width"], c["loss"]) for c in entry["candidates"]])
+            color = cmap(k / max(len(layers) - 1, 1))
+            label = f"{entry['tower']} {entry['layer']}"
+            left.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, color=color, label=label)
+            left.plot([entry["accepted_width"]], [entry["loss_after"]], "*", ms=11, color=color)
+        left.set_xlabel("kept neurons (candidate width)")
+        left.set_ylabel(f"held-out {trace.get('loss', 'loss')}")
+        left.set_title(f"candidates per block (★ accepted), threshold {trace.get('loss_inc_thresh')}")
+        left.legend(fontsize=7, ncol=2)
+        names = [f"{e['tower'][0]}{e['layer']}" for e in layers][::-1]
+        dense = [e["width"] for e in layers][::-1]
+        kept = [e["accepted_width"] for e in layers][::-1]
+        positions = np.arange(len(names))
+        right.bar(positions, dense, color="0.85", label="dense")
+        right.bar(positions, kept, color="tab:blue", label="kept")
+        right.set_xticks(positions, names)
+        right.set_xlabel("block")
+        right.set_ylabel("MLP neurons")
+        right.set_title("kept neurons per block")
+        right.legend(fontsize=8)
+    _save(fig, path, dpi)

@@ -27,6 +27,21 @@ def load_metrics(path: str | Path) -> dict:
     return metrics
 
 
+def load_search_trace(path: str | Path) -> dict:
+    """The search stage's trace (``search_trace.json``); DataError if missing, not JSON, or not a trace."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: search trace not found (run the search stage first)")
+    try:
+        trace = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({type(err).__name__})") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("method"), str) \
+            or not isinstance(trace.get("layers", []), list):
+        raise DataError(f"{path}: expected an object with 'method' and a 'layers' list (search stage output)")
+    return trace
+
+
 def kept_units(masks: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """Per tower: ``heads`` (bool ``[layers, heads]``), ``neurons`` (bool ``[layers, ffn_dim]``), kept counts.
 

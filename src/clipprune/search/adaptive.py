@@ -11,7 +11,8 @@ only; head scores, if any, are ignored) and ``constraint`` is not used: the widt
 
 The held-out loss is the label-free ``entropy`` loss by default (images only, mean over fixed batches of
 ``batch_size``, weighted by batch size); ``entropy_image_text`` and ``contrastive`` are options. It is
-measured on ``holdout``: pairs disjoint from the calibration images (see :func:`holdout_pairs`).
+measured on ``holdout``: pairs disjoint from the calibration images (``clipprune.data.holdout``); the loss
+is ``heldout.HeldOutLoss``, the trace plot ``clipprune.report.plots.plot_search_trace``.
 
 Speed: while block ``L`` is searched the blocks before it are dense and fixed, so their output is computed
 once per batch and replayed (the blocks' ``forward`` temporarily returns the recorded output): a candidate
@@ -25,92 +26,23 @@ train split (the validation split is the evaluation set here).
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clipprune.data.calibration import read_calibration
-from clipprune.data.coco import CocoCaptions, collate_image_caption_pairs
-from clipprune.errors import DataError, MaskError, ParamError
-from clipprune.io import atomic_path
+from clipprune.errors import MaskError, ParamError
 from clipprune.models.base import BlockView, ClipModel
 from clipprune.models.masks import apply_masks, full_masks
 
 from .common import check_scores, descending_order
+from .heldout import HeldOutLoss, heldout_batches
 from .registry import register_search
 
 TOWER_ORDER = ("vision", "text")
 DEFAULT_HALVINGS = 6
 DEFAULT_INV_TEMPERATURE = 20.0
 DEFAULT_LOSS_INC_THRESH = 0.02
-HOLDOUT_STREAM = 0xADA  # second seed word: the holdout draw is independent of the calibration draw
-
-
-# ---------------------------------------------------------------------------------------------
-# the held-out split
-# ---------------------------------------------------------------------------------------------
-def holdout_pairs(dataset: CocoCaptions, exclude: Iterable[Mapping], num_samples: int, seed: int) -> list[dict]:
-    """``num_samples`` (image, caption) pairs of images that no pair in ``exclude`` uses, one per image.
-
-    Disjoint *images* (not just pairs): the entropy loss reads images only, so a calibration image with
-    another caption would not be held out. Deterministic for ``seed``, own numpy Generator.
-    """
-    used = {int(p["image_id"]) for p in exclude}
-    free = sorted(i for i in dataset.image_ids if i not in used and dataset.annotation_ids(i))
-    if num_samples > len(free):
-        raise ParamError(f"search.holdout_samples must be <= {len(free)} (images of {dataset.annotation_file} "
-                         f"not used for calibration), got {num_samples}")
-    rng = np.random.default_rng([int(seed), HOLDOUT_STREAM])
-    pairs = []
-    for position in rng.choice(len(free), size=num_samples, replace=False):
-        image_id = free[int(position)]
-        annotations = sorted(dataset.annotation_ids(image_id))
-        pairs.append({"image_id": int(image_id), "annotation_id": int(annotations[int(rng.integers(len(annotations)))])})
-    return pairs
-
-
-def holdout_loader(images_dir: str | os.PathLike, captions_file: str | os.PathLike,
-                   calibration_file: str | os.PathLike, preprocess: Callable, num_samples: int, seed: int,
-                   batch_size: int = 32) -> DataLoader:
-    """Deterministic loader of (images, captions) over :func:`holdout_pairs` of the calibration split."""
-    dataset = CocoCaptions(images_dir, captions_file, transform=preprocess)
-    calibration, _ = read_calibration(calibration_file, dataset)
-    pairs = holdout_pairs(dataset, calibration, num_samples, seed)
-    return DataLoader(dataset.pair_dataset(pairs), batch_size=batch_size, shuffle=False, num_workers=0,
-                      collate_fn=collate_image_caption_pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# held-out data and loss
-# ---------------------------------------------------------------------------------------------
-def _materialise(model: ClipModel, holdout, batch_size: int, uses_text: bool, device) -> tuple[list, list]:
-    """All held-out samples re-cut into batches of ``batch_size`` (a tail under 2 joins the previous batch)."""
-    images, captions = [], []
-    for index, batch in enumerate(holdout):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
-            raise DataError(f"search: held-out batch {index} must be (image tensor, captions)")
-        images.append(batch[0])
-        if uses_text:
-            tokens = batch[1] if isinstance(batch[1], torch.Tensor) else model.tokenizer(list(batch[1]))
-            captions.append(tokens)
-    if not images:
-        raise DataError("search: the held-out data yielded no batches")
-    all_images = torch.cat(images)
-    all_tokens = torch.cat(captions) if uses_text else None
-    total = all_images.shape[0]
-    if total < 2:
-        raise DataError(f"search: the held-out data holds {total} sample; the loss needs at least 2")
-    bounds = list(range(0, total, batch_size)) + [total]
-    if bounds[-1] - bounds[-2] < 2:  # a last batch of one sample: merge it into the previous batch
-        del bounds[-2]
-    image_batches = [all_images[a:b].to(device) for a, b in zip(bounds, bounds[1:])]
-    token_batches = ([all_tokens[a:b].to(device) for a, b in zip(bounds, bounds[1:])] if uses_text
-                     else [None] * len(image_batches))
-    return image_batches, token_batches
 
 
 def _encode(model: ClipModel, tower: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -165,28 +97,6 @@ def _replayed(blocks: Sequence[torch.nn.Module], outputs: list, cursor: list):
             del block.forward
 
 
-class _HeldOutLoss:
-    """The held-out loss of feature batches, weighted by batch size."""
-
-    def __init__(self, model: ClipModel, loss: str, inv_temperature: float):
-        from clipprune.scoring import get_loss
-
-        self.fn = get_loss(loss)
-        self.uses_text = self.fn.uses_text
-        if loss == "contrastive":  # the CLIP loss keeps the model's own temperature
-            self.scale, self.options = model.logit_scale.detach(), {}
-        else:
-            self.scale, self.options = None, {"inv_temperature": inv_temperature}
-
-    def __call__(self, image_features: list, text_features: list) -> float:
-        total, count = 0.0, 0
-        for image, text in zip(image_features, text_features):
-            value = self.fn(image, text if self.uses_text else None, self.scale, **self.options)
-            total += float(value) * image.shape[0]
-            count += image.shape[0]
-        return total / count
-
-
 # ---------------------------------------------------------------------------------------------
 # the search
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +126,7 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
     (a dict) receives the per-block trace: candidate widths, their held-out losses, the accepted width.
     """
     towers = _searched_towers(scores, views)
-    held_out = _HeldOutLoss(model, loss, inv_temperature)
+    held_out = HeldOutLoss(model, loss, inv_temperature)
     if "text" in towers and not held_out.uses_text:
         raise ParamError(f"search.options.loss={loss} reads images only, so text-tower widths cannot change it; "
                          f"score the vision tower only or use loss entropy_image_text")
@@ -227,7 +137,7 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
     trace = []
     try:
         with torch.no_grad():
-            images, tokens = _materialise(model, holdout, batch_size, held_out.uses_text, device)
+            images, tokens = heldout_batches(model, holdout, batch_size, held_out.uses_text, device)
             inputs = {"vision": images, "text": tokens}
             with apply_masks(model, masks):
                 features = {"vision": [model.encode_image(b) for b in images],
@@ -298,52 +208,3 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
             "constraint_used": False, "layers": trace,
         })
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# the trace plot
-# ---------------------------------------------------------------------------------------------
-_PNG_METADATA = {"Software": None}  # no matplotlib version in the file: equal traces give equal bytes
-
-
-def plot_trace(trace: Mapping, path: str | os.PathLike, dpi: int = 100) -> None:
-    """PNG of a search trace: held-out loss of every candidate width per block (left), kept neurons per
-    block against the dense width (right). A trace without ``layers`` (non-adaptive searches) gets a note."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    layers = list(trace.get("layers") or [])
-    if not layers:
-        fig, ax = plt.subplots(figsize=(4, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"search '{trace.get('method', '?')}': no per-block trace", ha="center", va="center")
-    else:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        cmap = plt.get_cmap("viridis")
-        for k, entry in enumerate(layers):
-            points = sorted([(entry["width"], entry["loss_before"])]
-                            + [(c["width"], c["loss"]) for c in entry["candidates"]])
-            color = cmap(k / max(len(layers) - 1, 1))
-            label = f"{entry['tower']} {entry['layer']}"
-            left.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, color=color, label=label)
-            left.plot([entry["accepted_width"]], [entry["loss_after"]], "*", ms=11, color=color)
-        left.set_xlabel("kept neurons (candidate width)")
-        left.set_ylabel(f"held-out {trace.get('loss', 'loss')}")
-        left.set_title(f"candidates per block (★ accepted), threshold {trace.get('loss_inc_thresh')}")
-        left.legend(fontsize=7, ncol=2)
-        names = [f"{e['tower'][0]}{e['layer']}" for e in layers][::-1]
-        dense = [e["width"] for e in layers][::-1]
-        kept = [e["accepted_width"] for e in layers][::-1]
-        positions = np.arange(len(names))
-        right.bar(positions, dense, color="0.85", label="dense")
-        right.bar(positions, kept, color="tab:blue", label="kept")
-        right.set_xticks(positions, names)
-        right.set_xlabel("block")
-        right.set_ylabel("MLP neurons")
-        right.set_title("kept neurons per block")
-        right.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, metadata=_PNG_METADATA, bbox_inches="tight")
-    plt.close(fig)

@@ -110,7 +110,7 @@ def save_sparse(model: ClipModel, sparse_keys: Iterable[str], out_dir: str | os.
 
 def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
     """Rebuild the dense-shaped model written by :func:`save_sparse` (offline), eval mode, on ``device``."""
-    from clipprune.export import _build_dense, state_dtypes
+    from clipprune.models.pruned import build_dense, state_dtypes
 
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
@@ -126,7 +126,7 @@ def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         raise ClipPruneError(f"{config_path}: expected format {FORMAT} version {FORMAT_VERSION}")
     if not isinstance(config.get("base"), dict) or not isinstance(config.get("sparse"), dict):
         raise ClipPruneError(f"{config_path}: missing or malformed 'base' / 'sparse'")
-    model = _build_dense(config["base"], f"sparse:{out_dir}", out_dir)
+    model = build_dense(config["base"], f"sparse:{out_dir}", out_dir)
     tensors, _ = read_safetensors(weights_path, error=ClipPruneError, dtypes={
         **state_dtypes(model), f"*{MASK_SUFFIX}": torch.uint8, f"*{VALUES_SUFFIX}": FLOATING})
     state = expand_tensors(tensors, config["sparse"], str(weights_path))

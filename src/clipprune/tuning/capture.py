@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, ModelLoadError, ParamError
-from ..models.base import ClipModel, EncoderTower
+from ..models.base import ClipModel, EncoderTower, TextPooling
 
 # second LayerNorm of a block, by family: open_clip ResidualAttentionBlock / transformers CLIPEncoderLayer
 _NORM2_NAMES = ("ln_2", "layer_norm2")
@@ -121,72 +121,6 @@ def iter_tower_batches(model: ClipModel, loader_or_inputs, towers: Sequence[str]
         yield out
 
 
-# text pooling rules of open_clip 3.3.0 (``text_global_pool``; ``TextTransformer`` accepts exactly these)
-OPEN_CLIP_POOL_TYPES = ("argmax", "eos", "first", "last", "none")
-
-
-@dataclass(frozen=True)
-class TextPooling:
-    """Where a text tower reads its embedding from, and which positions can reach it.
-
-    ``rule``: ``argmax`` (the highest token id: CLIP's EOT), ``eos`` (the first ``eos_id``), ``first``,
-    ``last``, or ``none`` (no pooling: every position is an output). ``causal``: position ``t`` sees only
-    positions ≤ ``t``. ``pad_id``: a bidirectional tower that masks padding keys (open_clip ``use_pad_mask``).
-    """
-
-    rule: str
-    eos_id: int | None
-    causal: bool
-    pad_id: int | None = None
-
-
-_MISSING = object()
-
-
-def _attribute(model: ClipModel, owner, name: str):
-    value = getattr(owner, name, _MISSING)
-    if value is _MISSING:
-        raise ModelLoadError(f"{model.name}: the text tower ({type(owner).__name__}) has no {name}; mask tuning "
-                             f"cannot tell which token positions reach the text embedding")
-    return value
-
-
-def text_pooling(model: ClipModel) -> TextPooling:
-    """The text pooling of ``model``, read from the modules that apply it (ModelLoadError if unknown).
-
-    transformers 5 ``CLIPTextTransformer``: always causal; pools at the first ``eos_token_id``, or at the
-    argmax token when the config keeps the legacy id 2. open_clip ``CLIP`` / ``CustomTextCLIP``: the
-    ``text_pool_type`` / ``pool_type`` rule, causal unless built with ``no_causal_mask``.
-    """
-    if model.family == "hf":
-        text_model = model.module.text_model
-        eos = _attribute(model, text_model, "eos_token_id")
-        if isinstance(eos, bool) or not isinstance(eos, int):
-            raise ModelLoadError(f"{model.name}: text_config.eos_token_id must be one integer (the token the text "
-                                 f"embedding is pooled at), got {eos!r}")
-        return TextPooling("argmax" if eos == 2 else "eos", eos, causal=True)
-    if model.family != "open_clip":
-        raise ModelLoadError(f"{model.name}: no text pooling rule is known for model family {model.family!r}")
-    text = getattr(model.module, "text", None)
-    if text is not None:  # CustomTextCLIP: pooling lives on its TextTransformer
-        if _attribute(model, text, "cls_emb") is not None:
-            raise ModelLoadError(f"{model.name}: the text tower appends a class token (embed_cls) and pools it; "
-                                 f"mask tuning does not support this text tower")
-        rule, eos = _attribute(model, text, "pool_type"), _attribute(model, text, "eos_id")
-        causal = _attribute(model, text, "attn_mask") is not None
-        pad_id = _attribute(model, text, "pad_id") if getattr(text, "use_pad_mask", False) else None
-    else:
-        owner = model.module
-        rule, eos = _attribute(model, owner, "text_pool_type"), _attribute(model, owner, "text_eos_id")
-        causal, pad_id = _attribute(model, owner, "attn_mask") is not None, None
-    if rule not in OPEN_CLIP_POOL_TYPES:
-        raise ModelLoadError(f"{model.name}: unknown text pooling rule {rule!r} (mask tuning knows "
-                             f"{', '.join(OPEN_CLIP_POOL_TYPES)})")
-    if rule == "eos" and not isinstance(eos, int):
-        raise ModelLoadError(f"{model.name}: text pooling rule 'eos' needs an integer eos id, got {eos!r}")
-    return TextPooling(rule, eos, causal, pad_id)
-
-
 def pooled_positions(pooling: TextPooling, tokens: torch.Tensor) -> torch.Tensor | None:
     """``[B]`` position each row's embedding is read from, as the model computes it; ``None`` for ``none``."""
     if pooling.rule == "argmax":
@@ -210,7 +144,7 @@ def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor
     ``none`` (every position is an output), ``last`` in a causal tower (the last position sees all), and any
     rule in a bidirectional tower, except padding keys that the tower masks out.
     """
-    pooling = text_pooling(model)
+    pooling = model.text_pooling()
     everything = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     pooled = pooled_positions(pooling, tokens)
     if pooled is None:

@@ -1,4 +1,4 @@
-"""Export a physically pruned model (weights + per-layer widths) and load it back offline.
+"""The pruned-model format: write a physically pruned model (weights + per-layer widths), load it back offline.
 
 Directory layout::
 
@@ -7,8 +7,10 @@ Directory layout::
                                  "towers": {tower: {"layers": [{"heads", "head_index", "ffn_dim"}, ...]}}}
     out_dir/tokenizer/          (transformers models only, when the model had a tokenizer)
 
-``load_pruned`` rebuilds the dense architecture from ``base`` (random init, no download), prunes it to
-the stored widths and loads the weights strictly.
+``load_pruned`` rebuilds the dense architecture from ``base`` with the adapter registered for its family
+(``MODEL_FAMILIES``; random init, no download), prunes it to the stored widths and loads the weights strictly.
+Family-specific side files (the transformers tokenizer) are the adapter's: ``save_side_files`` /
+``from_export``.
 """
 from __future__ import annotations
 
@@ -19,16 +21,15 @@ from typing import Mapping
 
 import torch
 
-from .errors import ClipPruneError, ModelLoadError
-from .io import atomic_dir, read_safetensors, save_safetensors
-from .models.base import ClipModel
-from .models.masks import validate_masks
-from .models.prune import prune_in_place, prune_model
+from ..errors import ClipPruneError, ModelLoadError, ParamError
+from ..io import atomic_dir, read_safetensors, save_safetensors
+from .base import MODEL_FAMILIES, ClipModel
+from .masks import validate_masks
+from .prune import prune_in_place, prune_model
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
 
 
 def pruned_layout(model: ClipModel) -> dict:
@@ -65,9 +66,7 @@ def export_pruned(model: ClipModel, masks: Mapping[str, torch.Tensor] | None, ou
         save_safetensors(tmp / WEIGHTS_NAME, state, {"format": "clipprune-pruned",
                                                      "format_version": str(FORMAT_VERSION)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        saver = getattr(pruned.tokenizer, "save_pretrained", None)
-        if pruned.family == "hf" and saver is not None:
-            saver(tmp / TOKENIZER_DIR)
+        pruned.save_side_files(tmp)
     return out_dir
 
 
@@ -111,25 +110,13 @@ def _masks_for_layout(model: ClipModel, towers: dict, config_path: Path) -> dict
     return masks
 
 
-def _build_dense(base: dict, name: str, out_dir: Path) -> ClipModel:
-    from .models.hf_adapter import HFClipModel, HFTokenizer
-    from .models.open_clip_adapter import OpenClipModel
-
-    family = base.get("family")
-    if family == "open_clip":
-        return OpenClipModel.from_config(base, name, prefix="base.")
-    if family == "hf":
-        tokenizer = None
-        tok_dir = out_dir / TOKENIZER_DIR
-        if tok_dir.is_dir():
-            from transformers import CLIPTokenizerFast
-
-            try:
-                tokenizer = HFTokenizer(CLIPTokenizerFast.from_pretrained(str(tok_dir)), int(base["context_length"]))
-            except Exception as err:
-                raise ModelLoadError(f"{tok_dir}: tokenizer files are unreadable ({err})") from err
-        return HFClipModel.from_config(base, name, tokenizer=tokenizer, prefix="base.")
-    raise ClipPruneError(f"{out_dir / CONFIG_NAME}: base.family must be 'open_clip' or 'hf', got {family!r}")
+def build_dense(base: dict, name: str, out_dir: Path) -> ClipModel:
+    """The dense (unpruned, random-initialised) model an export config describes, by its family's adapter."""
+    try:
+        family = MODEL_FAMILIES.get(base.get("family"))
+    except ParamError as err:
+        raise ClipPruneError(f"{out_dir / CONFIG_NAME}: {err}") from None
+    return family.from_export(base, name, out_dir, prefix="base.")
 
 
 def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
@@ -150,7 +137,7 @@ def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         if not isinstance(config.get(key), dict):
             raise ClipPruneError(f"{config_path}: missing or malformed {key!r}")
     try:
-        model = _build_dense(config["base"], f"pruned:{out_dir}", out_dir)
+        model = build_dense(config["base"], f"pruned:{out_dir}", out_dir)
     except ModelLoadError as err:
         raise ClipPruneError(f"{config_path}: {err}") from err
     masks = _masks_for_layout(model, config["towers"], config_path)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipprune.errors import ClipPruneError, ModelLoadError
-from clipprune.export import export_pruned, load_pruned
+from clipprune.models.pruned import export_pruned, load_pruned
 from clipprune.models import apply_masks, full_masks, load_model
 
 TINY_OPEN_CLIP = {
@@ -198,6 +198,12 @@ def test_inconsistent_export_is_rejected(tmp_path, monkeypatch):
         load_pruned(out)
 
     config = json.loads(good)
+    config["base"]["family"] = "timm"  # no adapter registered under that name
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ClipPruneError, match=r"config.json: base.family must be one of hf, open_clip; got 'timm'$"):
+        load_pruned(out)
+
+    config = json.loads(good)
     config["format_version"] = 99
     config_path.write_text(json.dumps(config))
     with pytest.raises(ClipPruneError, match="format_version"):
@@ -249,3 +255,30 @@ def test_hf_export_config_widths_are_checked(tmp_path, path, value, expected):
     with pytest.raises(ClipPruneError) as info:
         load_pruned(out)
     assert str(info.value).startswith(f"{out / 'config.json'}: {expected}"), str(info.value)
+
+
+def test_a_family_registered_once_rebuilds_its_own_exports(tmp_path, monkeypatch):
+    """The pruned format asks MODEL_FAMILIES for the adapter: a new family registered there is what load_pruned
+    rebuilds, with no change to the format code."""
+    from clipprune.models import MODEL_FAMILIES
+    from clipprune.models.open_clip_adapter import OpenClipModel
+
+    model = _open_clip_fixture(tmp_path, monkeypatch)
+    calls = []
+
+    class RecordingFamily(OpenClipModel):
+        family = "recording"
+
+        @classmethod
+        def from_export(cls, config, name, directory, prefix=""):
+            calls.append((config["family"], name, prefix))
+            return super().from_export(config, name, directory, prefix)
+
+    monkeypatch.setitem(MODEL_FAMILIES._entries, "recording", RecordingFamily)
+    recording = RecordingFamily(model.module, model.name, model.export_config())
+    out = export_pruned(recording, None, tmp_path / "recorded")
+    reloaded = load_pruned(out)
+    assert type(reloaded) is RecordingFamily and calls == [("recording", f"pruned:{out}", "base.")]
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_image(images), model.encode_image(images))
