@@ -38,6 +38,12 @@ def main(params: dict) -> None:
             masks = rearrange_masks(masks, grads, report=report["rearrange"], progress=True)
         except MaskError as err:  # gradients of another model, NaN/inf, non-binary masks: name the files
             raise MaskError(f"{SEARCHED} with the gradients of {SCORES}: {err}") from None
+        layers = report["rearrange"]
+        if layers:  # the block-Fisher loss summed over layers, per start, as a reader of the log compares them
+            total = {name: sum(e[f"objective_{name}"] for e in layers) for name in ("before", "greedy", "after")}
+            print(f"tune: rearranged {len(layers)} layers; block-Fisher loss summed over layers: searched "
+                  f"{total['before']:.4g}, Kwon greedy {total['greedy']:.4g}, final {total['after']:.4g} "
+                  f"(greedy start kept in {sum(e['start'] == 'greedy' for e in layers)})")
     rearrange_time = time.perf_counter() - start
     rearranged = masks
     if lsq:

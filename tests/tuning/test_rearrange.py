@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from clipprune.errors import MaskError, ParamError
-from clipprune.tuning import rearrange_layer, rearrange_masks, rearrangement_objective
+from clipprune.tuning import (greedy_assignment, rearrange_layer, rearrange_layer_from_both, rearrange_masks,
+                              rearrangement_objective)
 
 
 def _objective(grads: torch.Tensor, kept: torch.Tensor) -> float:
@@ -133,3 +134,85 @@ def test_masks_without_grads_are_unchanged_and_bad_inputs_raise():
         rearrange_masks(masks, {"vision.head.grads": torch.tensor([[[float("nan"), 1.0]]])})
     with pytest.raises(ParamError, match="max_iters"):
         rearrange_masks(masks, grads, max_iters=-1)
+
+
+def _kwon_greedy_by_hand(grads: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """Kwon's one-pass greedy written out with explicit sums (no Gram matrix): the independent reference."""
+    g = grads.double()
+    units = g.shape[1]
+    order = sorted(range(units), key=lambda u: (float(g[:, u] @ g[:, u]), u))
+    pruned = order[:units - n_kept]
+    for unit in order[units - n_kept:]:
+        pruned.append(unit)
+        total = g[:, pruned].sum(dim=1)
+        left = [float((total - g[:, w]) @ (total - g[:, w])) for w in pruned]
+        best = min(left)
+        pruned.remove(min(w for w, value in zip(pruned, left) if value == best))
+    kept = torch.ones(units, dtype=torch.bool)
+    kept[pruned] = False
+    return kept
+
+
+def test_greedy_assignment_matches_kwons_one_pass_greedy_written_out():
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        units = 3 + trial % 10
+        n_kept = trial % (units + 1)
+        grads = _correlated_grads(4 + trial % 5, units, gen)
+        greedy = greedy_assignment(grads, n_kept)
+        assert int(greedy.sum()) == n_kept
+        assert torch.equal(greedy, _kwon_greedy_by_hand(grads, n_kept)), trial
+
+
+def test_both_starts_never_end_worse_than_the_greedy_or_the_searched_assignment():
+    # many seeds of random Fisher inputs: the result is never worse than Kwon's greedy (nor the start)
+    gen = torch.Generator().manual_seed(6)
+    starts = set()
+    for trial in range(300):
+        units = 4 + trial % 29
+        n_kept = 1 + trial % (units - 1)
+        rows = 2 + trial % 11
+        grads = _correlated_grads(rows, units, gen) if trial % 2 else torch.randn(rows, units, generator=gen)
+        kept = _random_kept(units, n_kept, gen)
+        result = rearrange_layer_from_both(grads, kept)
+        greedy = _kwon_greedy_by_hand(grads, n_kept)
+        assert int(result.kept.sum()) == n_kept
+        assert result.objective_greedy == pytest.approx(_objective(grads, greedy), rel=1e-9, abs=1e-12)
+        assert result.objective_searched == pytest.approx(_objective(grads, kept), rel=1e-9, abs=1e-12)
+        assert result.objective_after == pytest.approx(_objective(grads, result.kept), rel=1e-9, abs=1e-12)
+        assert result.objective_after <= result.objective_greedy * (1 + 1e-12) + 1e-12
+        assert result.objective_after <= result.objective_searched * (1 + 1e-12) + 1e-12
+        starts.add(result.start)
+    assert starts == {"searched", "greedy"}  # each start wins somewhere: both are needed
+
+
+def test_both_starts_against_brute_force_on_tiny_layers():
+    gen = torch.Generator().manual_seed(7)
+    optimal = 0
+    for trial in range(60):
+        units, n_kept = 7, 1 + trial % 5
+        grads = _correlated_grads(4, units, gen)
+        kept = _random_kept(units, n_kept, gen)
+        result = rearrange_layer_from_both(grads, kept)
+        best = _brute_force(grads, n_kept)
+        assert best - 1e-9 <= result.objective_after <= result.objective_greedy + 1e-9
+        optimal += result.objective_after <= best + 1e-9
+    assert optimal >= 50  # 1-swap optima from two starts are nearly always the global optimum here
+
+
+def test_rearrange_masks_reports_greedy_and_final_objectives():
+    gen = torch.Generator().manual_seed(8)
+    layers, units, rows = 4, 24, 8
+    masks = {"text.neuron": (torch.rand(layers, units, generator=gen) < 0.4).float()}
+    grads = {"text.neuron.grads": torch.stack([_correlated_grads(rows, units, gen) for _ in range(layers)], 1)}
+    report = []
+    out = rearrange_masks(masks, grads, report=report)
+    after = rearrangement_objective(out, grads)["text.neuron"]
+    for entry in report:
+        layer = entry["layer"]
+        n_kept = int(masks["text.neuron"][layer].sum())
+        greedy = _kwon_greedy_by_hand(grads["text.neuron.grads"][:, layer], n_kept)
+        assert entry["objective_greedy"] == pytest.approx(_objective(grads["text.neuron.grads"][:, layer], greedy))
+        assert entry["objective_after"] == pytest.approx(float(after[layer]))
+        assert entry["objective_after"] <= min(entry["objective_greedy"], entry["objective_before"]) + 1e-9
+        assert entry["start"] in ("searched", "greedy") and entry["kept"] == n_kept

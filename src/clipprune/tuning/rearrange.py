@@ -15,6 +15,12 @@ so all kept × pruned pairs are scored at once from the kept × pruned block of 
 layer); after a swap ``v`` changes by ``Q[:, i] − Q[:, j]`` and the block by one row and one column.
 The search stops when no swap lowers the objective (a 1-swap local optimum) or after ``max_iters`` swaps.
 Each swap costs O(kept × pruned); everything is float64 and ties go to the lowest index: deterministic.
+
+Where the swaps end depends on where they start (from random starts with the same counts they often end
+worse than Kwon's reference), so ``rearrange_masks`` runs them from two starts and keeps the better end:
+the searched masks, and Kwon's one-pass greedy assignment (``greedy_assignment``), which depends only on
+the gradients and the count. The result is therefore never worse than either the searched masks or the
+greedy assignment; the per-layer report records all three objectives.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import torch
 from ..errors import MaskError, ParamError
 from ..models.masks import parse_mask_key
 
-__all__ = ["rearrange_masks", "rearrange_layer", "rearrangement_objective", "LayerResult"]
+__all__ = ["rearrange_masks", "rearrange_layer", "greedy_assignment", "rearrange_layer_from_both",
+           "rearrangement_objective", "LayerResult", "BothStartsResult"]
 
 GRADS_SUFFIX = ".grads"
 
@@ -37,6 +44,16 @@ class LayerResult:
     objective_before: float
     objective_after: float
     swaps: int
+
+
+@dataclass
+class BothStartsResult:
+    kept: torch.Tensor  # bool [units], the better of the two ends
+    objective_searched: float  # the given (searched) assignment, before any swap
+    objective_greedy: float  # Kwon's one-pass greedy assignment, before any swap
+    objective_after: float
+    start: str  # "searched" or "greedy": where the kept result's swaps started
+    swaps: int  # swaps of the kept result
 
 
 def _pruned_sum_objective(grads: torch.Tensor, kept: torch.Tensor) -> float:
@@ -83,6 +100,56 @@ def rearrange_layer(grads: torch.Tensor, kept: torch.Tensor, max_iters: int | No
     return LayerResult(new_kept, before, _pruned_sum_objective(g, new_kept), swaps)
 
 
+def greedy_assignment(grads: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """Kwon's one-pass greedy assignment of one layer: the kept set (bool ``[units]``) of size ``n_kept``.
+
+    Units are visited in ascending order of their Fisher diagonal ``Σ_rows g²``; the ``pruned`` first ones
+    start as the pruned set, then each further unit joins it and the member whose removal leaves the
+    smallest ``‖Σ_{pruned} g‖²`` leaves it again. With ``s`` the pruned sum and ``v = gᵀs``, removing ``w``
+    leaves ``‖s‖² − 2 v_w + Q_ww``, so one step is an argmin over the members of ``Q_ww − 2 v_w``.
+    Ties go to the lowest unit index (the sort is stable): deterministic.
+    """
+    g = grads.detach().to(torch.float64)
+    units = g.shape[1]
+    if not 0 <= n_kept <= units:
+        raise ValueError(f"n_kept must be in [0, {units}], got {n_kept}")
+    n_pruned = units - n_kept
+    if n_pruned == 0 or n_kept == 0:
+        return torch.full((units,), n_kept > 0, dtype=torch.bool)
+    gram = g.t() @ g
+    diag = gram.diagonal().clone()
+    order = torch.sort(diag, stable=True).indices
+    pruned = torch.zeros(units, dtype=torch.bool)
+    pruned[order[:n_pruned]] = True
+    v = gram[:, pruned].sum(dim=1)
+    for unit in order[n_pruned:].tolist():
+        pruned[unit] = True
+        v += gram[:, unit]
+        cost = torch.where(pruned, diag - 2 * v, torch.tensor(float("inf"), dtype=torch.float64))
+        leaving = int(torch.argmin(cost))
+        pruned[leaving] = False
+        v -= gram[:, leaving]
+    return ~pruned
+
+
+def rearrange_layer_from_both(grads: torch.Tensor, kept: torch.Tensor,
+                              max_iters: int | None = None) -> BothStartsResult:
+    """Swap search from the given assignment and from Kwon's greedy one; the lower end wins.
+
+    Never worse than the given assignment nor than the greedy one (each swap search only lowers its
+    start's objective). Equal ends keep the searched start's result (fewer changes to explain).
+    """
+    kept = kept.detach().to(torch.bool)
+    from_searched = rearrange_layer(grads, kept, max_iters)
+    greedy = greedy_assignment(grads, int(kept.sum()))
+    from_greedy = rearrange_layer(grads, greedy, max_iters)
+    best, start = from_searched, "searched"
+    if from_greedy.objective_after < from_searched.objective_after:
+        best, start = from_greedy, "greedy"
+    return BothStartsResult(best.kept, from_searched.objective_before, from_greedy.objective_before,
+                            best.objective_after, start, best.swaps)
+
+
 def _find_grads(grads: Mapping[str, torch.Tensor], key: str) -> torch.Tensor | None:
     for name in (key + GRADS_SUFFIX, key):
         if name in grads:
@@ -124,10 +191,14 @@ def rearrange_masks(masks: Mapping[str, torch.Tensor], grads: Mapping[str, torch
 
     ``grads``: ``"<tower>.<kind>.grads"`` (or ``"<tower>.<kind>"``) → ``[rows, layers, units]``, the mask
     gradients per batch or per sample (the scoring stage's output). Masks without gradients are returned
-    unchanged. ``max_iters``: most swaps per layer (``None``: until no swap improves). ``widths``:
+    unchanged. Each layer's swaps run from the searched masks and from Kwon's greedy assignment and the
+    better end is kept (``rearrange_layer_from_both``). ``max_iters``: most swaps per layer and start
+    (``None``: until no swap improves). ``widths``:
     per-key list of each layer's present units, for models whose blocks were already pruned to
     different widths (units past a layer's width are never swapped in). ``report``: if a list is given,
-    one dict per layer is appended (key, layer, kept, swaps, objective before / after).
+    one dict per layer is appended: key, layer, kept, the objectives of the searched assignment
+    (``objective_before``), of the greedy one (``objective_greedy``) and of the result
+    (``objective_after``), which start won (``start``) and its ``swaps``.
     Returns new float masks (0/1) on the masks' devices and dtypes.
     """
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
@@ -142,14 +213,16 @@ def rearrange_masks(masks: Mapping[str, torch.Tensor], grads: Mapping[str, torch
             mask = out[key]
             for layer, width in enumerate(layer_widths):
                 kept = mask[layer, :width].detach().cpu() != 0
-                result = rearrange_layer(g[:, layer, :width].cpu(), kept, max_iters)
+                result = rearrange_layer_from_both(g[:, layer, :width].cpu(), kept, max_iters)
                 new_row = torch.zeros(mask.shape[1], dtype=mask.dtype)
                 new_row[:width] = result.kept.to(mask.dtype)
                 mask[layer] = new_row.to(mask.device)
                 if report is not None:
                     report.append({"key": key, "layer": layer, "kept": int(result.kept.sum()),
-                                   "swaps": result.swaps, "objective_before": result.objective_before,
-                                   "objective_after": result.objective_after})
+                                   "objective_before": result.objective_searched,
+                                   "objective_greedy": result.objective_greedy,
+                                   "objective_after": result.objective_after,
+                                   "start": result.start, "swaps": result.swaps})
                 bar.update(1)
     return out
 
