@@ -42,6 +42,10 @@ class HFTokenizer:
         self.tokenizer.save_pretrained(str(path))
 
 
+# writes OpenAI's CLIP vocabulary (bundled with open_clip) next to a saved CLIPModel: the way out offline
+WRITE_TOKENIZER_COMMAND = "python -m clipprune.models.hf_tokenizer_files <dir>"
+
+
 class MissingTokenizer:
     """Placeholder when no tokenizer files were found: fails with a one-line reason when used."""
 
@@ -86,7 +90,8 @@ class HFClipModel(ClipModel):
         self.context_length = int(self._config["context_length"])
         self.tokenizer = tokenizer if tokenizer is not None else MissingTokenizer(
             f"{name}: no tokenizer files were found for this model; save a CLIPTokenizer next to the weights "
-            "(tokenizer.save_pretrained) or load the model by its hub id with the tokenizer cached"
+            "(tokenizer.save_pretrained), load the model by its hub id with the tokenizer cached, or, for a "
+            f"model with OpenAI's CLIP vocabulary, run `{WRITE_TOKENIZER_COMMAND}`"
         )
         self.preprocess = preprocess if preprocess is not None else make_preprocess(self._config)
         self.towers = self._make_towers()

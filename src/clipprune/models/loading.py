@@ -264,7 +264,7 @@ def _hf_tokenizer(directory: Path, name: str, context_length: int):
     """
     from transformers import CLIPTokenizer  # transformers 5: one class, backed by the tokenizers library
 
-    from .hf_adapter import HFTokenizer
+    from .hf_adapter import WRITE_TOKENIZER_COMMAND, HFTokenizer
 
     fast, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
     if fast.is_file():
@@ -277,7 +277,8 @@ def _hf_tokenizer(directory: Path, name: str, context_length: int):
         main = vocab
     else:
         _warn_assumed(f"{name}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {directory}; "
-                      f"the model has no tokenizer and encoding text will fail")
+                      f"the model has no tokenizer and encoding text will fail (for a model with OpenAI's CLIP "
+                      f"vocabulary: {WRITE_TOKENIZER_COMMAND.replace('<dir>', str(directory))})")
         return None
     for filename in TOKENIZER_JSON_FILES:
         if (directory / filename).is_file():
