@@ -36,7 +36,7 @@ SEARCHED = "artifacts/masks/search.safetensors"
 TUNE_OUTS = ("artifacts/masks/rearranged.safetensors", "artifacts/masks/tuned.safetensors",
              "artifacts/masks/tune_report.json")
 NUM_SAMPLES = 192  # score: 6 batches of 32, several seconds of work to interrupt
-# a tqdm redraw showing at least one finished step: "<desc>:  8%|▊  | 1/12 ["
+# a progress line showing at least one finished step: "<desc>:  8%|#  | 1/12 ["
 SCORE_PROGRESS = re.compile(r"score fisher \([^)]*\):\s+\d+%\|[^|\r\n]*\|\s*[1-9]\d*/\d+")
 TUNE_PROGRESS = re.compile(r"(?:^|[\r\n])tune:\s+\d+%\|[^|\r\n]*\|\s*[1-9]\d*/\d+")
 _TEMPORARY = re.compile(r"^\..+\.tmp$|^\..+\.old$")
@@ -105,7 +105,9 @@ class StderrWatcher:
 
 def kill_after_progress(repo: Path, name: str, progress: re.Pattern, timeout: float = 600) -> str:
     """Start ``stages/<name>.py``, SIGKILL it once its progress bar shows a finished step; return stderr."""
-    proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=repo, env=env(),
+    # stderr is a pipe, not a terminal: a progress line per update (not one per 30 s) to know when to kill
+    proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=repo,
+                            env={**env(), "CLIPPRUNE_PROGRESS_INTERVAL": "0"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     watcher = StderrWatcher(proc)
     try:

@@ -39,10 +39,10 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
-from tqdm import tqdm
 
 from ..errors import DataError, ParamError
 from ..io import atomic_dir
+from ..progress import progress_bar
 
 CHUNK = 1 << 20
 
@@ -95,8 +95,8 @@ def _download(url: str, dest: Path, name: str, progress: bool) -> None:
                 raise DataError(f"{name}: {url} is {_size(expected)}, over the limit of {_size(limit)} "
                                 f"(MAX_EXTRACTED_BYTES in clipprune/data/archive.py)")
             received = 0
-            with tqdm(total=expected, unit="B", unit_scale=True,
-                      desc=f"download {Path(urllib.parse.urlparse(url).path).name}", disable=not progress) as bar:
+            with progress_bar(total=expected, unit="B", unit_scale=True,
+                              desc=f"download {Path(urllib.parse.urlparse(url).path).name}", enabled=progress) as bar:
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     received += len(chunk)
                     if received > limit:
@@ -384,8 +384,8 @@ def _extract_zip(path: Path, ex: _Extraction, progress: bool) -> None:
             planned.append((info, parts, is_dir))
         ex.reserve(declared, f"its members ({_size(declared)} declared in all)")
         ex.check_free_space(declared)
-        for info, parts, is_dir in tqdm(planned, desc=f"extract {_short(ex.label)}", unit="file",
-                                        disable=not progress):
+        for info, parts, is_dir in progress_bar(planned, desc=f"extract {_short(ex.label)}", unit="file",
+                                                enabled=progress):
             if not parts:
                 continue
             if is_dir:
@@ -423,7 +423,7 @@ def _extract_tar(path: Path, ex: _Extraction, progress: bool) -> None:
         member = None
         try:
             # Streaming iteration reads headers as it goes; a truncated stream fails here.
-            for member in tqdm(tf, desc=f"extract {_short(ex.label)}", unit="file", disable=not progress):
+            for member in progress_bar(tf, desc=f"extract {_short(ex.label)}", unit="file", enabled=progress):
                 if member.issym() or member.islnk():
                     raise ex.fail(f"refusing link member {_show(member.name)} -> {member.linkname!r}")
                 parts = ex.plan(member.name, member.name, member.isdir())

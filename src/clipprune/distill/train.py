@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ..config import check_warmup
 from ..errors import ParamError
 from ..models.base import ClipModel
 from ..models.masks import apply_masks, full_masks
 from ..models.prune import prune_model
+from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_against, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .config import DistillConfig, RetrainRow, lr_at, retrain_row
 from .data import TrainImages, epoch_plan, shard, steps_per_epoch
@@ -153,8 +153,8 @@ def train(student: ClipModel, teacher: ClipModel, data: TrainImages, config: Dis
         for epoch in range(start_epoch, config.epochs):
             plan_e = epoch_plan(len(data), config.batch_size, config.seed, epoch)
             losses = []
-            bar = tqdm(zip(plan_e.batches, plan_e.caption_picks), total=steps, disable=not (progress and ctx.is_main),
-                       desc=f"distill epoch {epoch + 1}/{config.epochs}")
+            bar = progress_bar(zip(plan_e.batches, plan_e.caption_picks), total=steps,
+                               enabled=progress and ctx.is_main, desc=f"distill epoch {epoch + 1}/{config.epochs}")
             for positions, picks in bar:
                 lr = lr_at(step, total_steps, config.peak_lr, config.warmup_steps, config.min_lr)
                 for group in optimizer.param_groups:

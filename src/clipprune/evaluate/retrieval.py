@@ -14,11 +14,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from clipprune.errors import DataError, ParamError
 from clipprune.evaluate.zeroshot import encode_texts, model_device
 from clipprune.models.base import ClipModel
+from clipprune.progress import progress_bar
 
 
 def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,8 +126,8 @@ def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64
     device = model_device(model)
     image_features, captions, owner = [], [], []
     n_images = 0
-    for images, caption_lists in tqdm(_iter_batches(dataset, batch_size), desc=f"{desc} images",
-                                      disable=not progress, leave=False):
+    for images, caption_lists in progress_bar(_iter_batches(dataset, batch_size), desc=f"{desc} images",
+                                              enabled=progress, leave=False):
         if not isinstance(images, torch.Tensor):
             images = torch.stack([im if isinstance(im, torch.Tensor) else model.preprocess(im) for im in images])
         image_features.append(model.encode_image(images.to(device)).float().cpu())

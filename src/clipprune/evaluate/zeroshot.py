@@ -13,10 +13,10 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from clipprune.errors import DataError, ParamError
 from clipprune.models.base import ClipModel
+from clipprune.progress import progress_bar
 
 Template = Union[str, Callable[[str], str]]
 
@@ -56,7 +56,7 @@ def encode_tokens(model: ClipModel, tokens: torch.Tensor, batch_size: int = 256,
     device = model_device(model)
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=desc, enabled=progress, leave=False):
         chunks.append(model.encode_text(tokens[start:start + batch_size].to(device)).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
@@ -152,7 +152,7 @@ def zero_shot_classification(model: ClipModel, dataloader: Iterable, classnames:
     device = model_device(model)
     weights = weights.to(device=device, dtype=torch.float32)
     all_logits, all_targets = [], []
-    for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(dataloader, desc=desc, enabled=progress, leave=False):
         try:
             images, targets = batch[0], batch[1]
         except (TypeError, IndexError, KeyError):

@@ -23,11 +23,11 @@ import contextlib
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.models.masks import apply_masks, apply_sample_masks, block_widths, full_masks, parse_mask_key
+from clipprune.progress import progress_bar
 
 from .losses import check_loss_options, get_loss
 from .registry import GRADS_SUFFIX, ScoreResult, register_criterion
@@ -138,7 +138,7 @@ def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bo
     reached: dict[str, torch.Tensor] = {}
     batches = 0
     with frozen_parameters(model):
-        for index, (images, captions) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress)):
+        for index, (images, captions) in enumerate(progress_bar(loader, desc=desc, unit="batch", enabled=progress)):
             if not isinstance(images, torch.Tensor):
                 raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
                                 f"(build the dataset with the model's preprocess transform)")

@@ -29,11 +29,11 @@ import contextlib
 from typing import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from clipprune.errors import MaskError, ParamError
 from clipprune.models.base import BlockView, ClipModel
 from clipprune.models.masks import apply_masks, full_masks
+from clipprune.progress import progress_bar
 
 from .common import check_scores, descending_order
 from .heldout import HeldOutLoss, heldout_batches
@@ -145,7 +145,7 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
                             else [None] * len(images)}
             dense_loss = reference = held_out(features["vision"], features["text"])
             total_layers = sum(len(views[t]) for t in towers)
-            bar = tqdm(total=total_layers, desc="search adaptive", unit="block", disable=not progress)
+            bar = progress_bar(total=total_layers, desc="search adaptive", unit="block", enabled=progress)
             for tower in towers:
                 blocks = model.towers[tower].blocks()
                 table = scores[f"{tower}.neuron"].detach().to("cpu", torch.float64).numpy()

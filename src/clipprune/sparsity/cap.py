@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from clipprune.errors import ClipPruneError
+from clipprune.progress import progress_bar
 
 from .config import MaskType, SparsityConfig
 from .fisher import BlockFisher, block_inverse, from_blocks, to_blocks, valid_positions
@@ -127,7 +127,7 @@ def cap_sparsify(layers, config: SparsityConfig, grads: GradientSource, progress
     try:
         for part in chunks:  # sweep 1: traces
             factors = build_factors(layers, part, grads, block_size, config.damp, dtype)
-            for name in tqdm(part, desc="cap obs traces", unit="layer", disable=not progress):
+            for name in progress_bar(part, desc="cap obs traces", unit="layer", enabled=progress):
                 weights, valid = _weight_blocks(layers[name], block_size)
                 factor = factors.pop(name)
                 trace = chunked_sweep(weights, factor, valid, mask)
@@ -149,7 +149,7 @@ def cap_sparsify(layers, config: SparsityConfig, grads: GradientSource, progress
                 counts[name][ti] = c.sum(1)
         for part in chunks:  # sweep 2: weights at each target's per-block counts
             rebuilt = build_factors(layers, part, grads, block_size, config.damp, dtype) if mode == "rebuild" else {}
-            for name in tqdm(part, desc="cap obs weights", unit="layer", disable=not progress):
+            for name in progress_bar(part, desc="cap obs weights", unit="layer", enabled=progress):
                 factor = rebuilt.pop(name) if mode == "rebuild" else store.get(name)
                 weights, valid = _weight_blocks(layers[name], block_size)
                 trace = chunked_sweep(weights, factor, valid, mask, snapshot_counts=counts[name])

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+
+from clipprune.progress import progress_bar
 
 from .config import MaskType, SparsityConfig
 from .fisher import COMPUTE_DTYPE, cholesky
@@ -116,15 +117,15 @@ def fastcap_sparsify(layers, config: SparsityConfig, grads: GradientSource,
     out: dict[float, dict[str, torch.Tensor]] = {}
     if mask.kind == "nm":
         pruned = {n: column_sweep(weights[n], uppers[n], block_size, None, mask)
-                  for n in tqdm(names, desc="fastcap sweep", unit="layer", disable=not progress)}
+                  for n in progress_bar(names, desc="fastcap sweep", unit="layer", enabled=progress)}
         return SparsityResult({t: pruned for t in config.targets}, _meta(config, block_size, grads, uppers))
     scores = [saliencies(weights[n], uppers[n], block_size).reshape(-1, mask.group).sum(1) for n in names]
     units = sum(s.numel() for s in scores)
     for target in config.targets:
         chosen = smallest_k(scores, round(target * units))
         out[target] = {}
-        for n, c in tqdm(list(zip(names, chosen)), desc=f"fastcap sweep {target}", unit="layer",
-                         disable=not progress):
+        for n, c in progress_bar(list(zip(names, chosen)), desc=f"fastcap sweep {target}", unit="layer",
+                                 enabled=progress):
             prune = c.repeat_interleave(mask.group).reshape(weights[n].shape)
             out[target][n] = column_sweep(weights[n], uppers[n], block_size, prune, mask)
     return SparsityResult(out, _meta(config, block_size, grads, uppers))

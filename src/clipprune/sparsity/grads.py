@@ -21,10 +21,10 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
+from clipprune.progress import progress_bar
 from clipprune.scoring.fisher import frozen_parameters
 from clipprune.scoring.losses import LOSSES, check_loss_options, get_loss
 
@@ -162,8 +162,8 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
         weights = [layers[n].weight for n in names]
         for w in weights:
             w.requires_grad_(True)
-        bar = tqdm(total=min(num_grads, total) if total else num_grads, desc=desc, unit="grad",
-                   disable=not progress)
+        bar = progress_bar(total=min(num_grads, total) if total else num_grads, desc=desc, unit="grad",
+                           enabled=progress)
         try:
             for index, (images, captions) in enumerate(loader):
                 if seen >= num_grads:

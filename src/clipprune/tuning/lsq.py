@@ -54,6 +54,7 @@ from ..errors import DataError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
 from ..models.prune import prune_model
+from ..progress import progress_bar
 from .capture import (BlockCall, block_parts, capture_block_input, iter_tower_batches, mlp_branch, record_input,
                       record_structure, run_until_stop, token_rows, verify_block_structure)
 
@@ -238,9 +239,7 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
 
 
 def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="tune", unit="layer", disable=not enabled)
+    return progress_bar(total=total, desc="tune", unit="layer", enabled=enabled)
 
 
 def _tune_tower(teacher: ClipModel, student: ClipModel, tower_name: str, data: _TowerData,

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import MaskError, ParamError
 from ..models.masks import parse_mask_key
+from ..progress import progress_bar
 
 __all__ = ["rearrange_masks", "rearrange_layer", "greedy_assignment", "rearrange_layer_from_both",
            "rearrangement_objective", "LayerResult", "BothStartsResult"]
@@ -204,11 +205,9 @@ def rearrange_masks(masks: Mapping[str, torch.Tensor], grads: Mapping[str, torch
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0):
         raise ParamError(f"tune.rearrange_max_iters must be a non-negative integer or null, got {max_iters!r}")
     checked = _check_inputs(masks, grads, widths)
-    from tqdm.auto import tqdm
-
     total = sum(masks[k].shape[0] for k in checked)
     out = {key: mask.detach().clone() for key, mask in masks.items()}
-    with tqdm(total=total, desc="rearrange", unit="layer", disable=not progress) as bar:
+    with progress_bar(total=total, desc="rearrange", unit="layer", enabled=progress) as bar:
         for key, (g, layer_widths) in checked.items():
             mask = out[key]
             for layer, width in enumerate(layer_widths):
