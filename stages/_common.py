@@ -1,4 +1,5 @@
-"""Shared entry-point wrapper for stages: params loading, the model-files guard, one-line errors, exit codes."""
+"""Shared entry-point wrapper for stages: params loading, the model-files guard, one-line errors and warnings,
+exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -105,6 +107,53 @@ def log_decisions(name: str) -> None:
     logger.propagate = False
 
 
+def one_line_warnings(name: str) -> Callable:
+    """A ``warnings.showwarning`` that prints ``<stage>: <Category>: <message>`` on one line of stderr.
+
+    Python's default prints the warning's file and line and then the source line that issued it
+    (``masks, report["lsq"] = tune_masks(...``), which tells a user of the pipeline nothing.
+    """
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())  # one line, even for a multi-line third-party message
+        text = text[len(name) + 2:] if text.startswith(f"{name}: ") else text  # TuningWarning names the stage
+        try:
+            (file if file is not None else sys.stderr).write(f"{name}: {category.__name__}: {text}\n")
+        except (OSError, ValueError):  # stderr closed or gone: a warning is not worth failing the stage for
+            pass
+
+    return show
+
+
+# huggingface_hub / transformers read it when imported; inherited by torchrun workers
+HF_PROGRESS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+
+
+def quiet_hf_progress() -> Callable[[], None]:
+    """Silence transformers' weight-loading bars (and the hub's download bars) in this stage process.
+
+    They redraw for every model load, in every stage, and say nothing the stage's own lines do not.
+    Returns a function that undoes it (for stages run in-process by tests).
+    """
+    set_env = HF_PROGRESS_ENV not in os.environ
+    if set_env:
+        os.environ[HF_PROGRESS_ENV] = "1"
+    undo = []
+    if "transformers" in sys.modules:  # already imported (e.g. a test's preloaded process): tell it directly
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            undo.append(hf_logging.enable_progress_bar)
+
+    def restore() -> None:
+        if set_env:
+            os.environ.pop(HF_PROGRESS_ENV, None)
+        for step in undo:
+            step()
+
+    return restore
+
+
 def run_stage(name: str, main: Callable[[dict], None], params_path: str = "params.yaml") -> None:
     """Run ``main(params)``; user errors print one line and exit 1, anything else exits 2 with a traceback.
 
@@ -113,6 +162,8 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
     """
     start = time.perf_counter()
     log_decisions(name)
+    previous_showwarning, warnings.showwarning = warnings.showwarning, one_line_warnings(name)
+    restore_hf_progress = quiet_hf_progress()
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     set_fixtures = "CLIPPRUNE_FIXTURES" not in os.environ
@@ -132,6 +183,8 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
         traceback.print_exc()
         sys.exit(2)
     finally:
+        warnings.showwarning = previous_showwarning
+        restore_hf_progress()
         if set_fixtures:
             os.environ.pop("CLIPPRUNE_FIXTURES", None)
         if in_main_thread:
