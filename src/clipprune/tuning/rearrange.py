@@ -104,7 +104,7 @@ def rearrange_layer(grads: torch.Tensor, kept: torch.Tensor, max_iters: int | No
 def greedy_assignment(grads: torch.Tensor, n_kept: int) -> torch.Tensor:
     """Kwon's one-pass greedy assignment of one layer: the kept set (bool ``[units]``) of size ``n_kept``.
 
-    Units are visited in ascending order of their Fisher diagonal ``Σ_rows g²``; the ``pruned`` first ones
+    Units are visited in ascending order of their Fisher diagonal ``Σ_rows g²``; the first ``units − n_kept``
     start as the pruned set, then each further unit joins it and the member whose removal leaves the
     smallest ``‖Σ_{pruned} g‖²`` leaves it again. With ``s`` the pruned sum and ``v = gᵀs``, removing ``w``
     leaves ``‖s‖² − 2 v_w + Q_ww``, so one step is an argmin over the members of ``Q_ww − 2 v_w``.
