@@ -56,6 +56,7 @@ SAMPLES_MAX = 10_000_000       # image / caption counts drawn from a split
 NUM_GRADS_MAX = 1 << 20        # sparsity.num_grads: per-sample gradients in the Fisher
 FISHER_BLOCK_MAX = 4096        # sparsity.fisher_block_size: inverses hold weights x B floats
 CHUNK_LAYERS_MAX = 100_000
+RECOMPUTATIONS_MAX = 100       # sparsity.num_recomputations: each step reruns the whole method
 DPI_RANGE = (30, 600)          # report.dpi: 600 dpi is print quality; 10^5 would need terabytes of pixels
 NPROC_MAX = 256                # distill.nproc: one process (and model copy) each
 EPOCHS_MAX = 100_000
@@ -786,7 +787,17 @@ class SparsitySection(_Section):
     fisher_dtype: _choice_type(*FISHER_DTYPES) = "float32"
     chunk_layers: _typed(int | str | None, _chunk_layers) = "auto"
     offload: Bool = False
+    hessian_damp: _typed(float, _float(0.0, low_open=True)) = 0.01
+    num_recomputations: _typed(int, _sparsity_int(1, RECOMPUTATIONS_MAX)) = 1
     options: _typed(dict, _mapping("loss options")) = {}
+
+    @model_validator(mode="after")
+    def _steps_need_a_target(self):
+        """N:M fixes the sparsity itself: there are no intermediate targets to step through."""
+        if self.num_recomputations > 1 and self.mask.kind == "nm":
+            raise ParamError(f"sparsity.num_recomputations must be 1 with an N:M sparsity.mask_type (the pattern "
+                             f"fixes the sparsity; there is no intermediate target), got {self.num_recomputations}")
+        return self
 
     @model_validator(mode="after")
     def _options(self):

@@ -1,4 +1,4 @@
-"""The methods on a tiny random CLIP: targets met exactly, N:M / block4 patterns, determinism, chunking."""
+"""The methods (cap, fastcap, magnitude, sparsegpt, wanda) on a tiny random CLIP: targets met exactly, N:M / block4 patterns, determinism, chunking."""
 import pytest
 import torch
 
@@ -30,22 +30,32 @@ def run(model, loader, **section):
     return sparsify(model, parse_config(section, available_methods()), loader, progress=False)
 
 
-@pytest.mark.parametrize("method", ["cap", "fastcap", "magnitude"])
+METHODS = ["cap", "fastcap", "magnitude", "sparsegpt", "wanda"]
+PER_LAYER = {"sparsegpt", "wanda"}  # the target is met in every layer (sparsegpt: per block of columns)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_unstructured_targets_are_met_over_the_pruned_layers(model, loader, method):
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     result = run(model, loader, method=method)
-    total = sum(layer.weight.numel() for layer in prunable_linears(model, ["vision"]).values())
+    layers = prunable_linears(model, ["vision"])
+    total = sum(layer.weight.numel() for layer in layers.values())
     for target in TARGETS:
         stats = sparsity_stats(result.weights[target])
         assert stats["prunable_weights"] == total
         assert abs(stats["overall"] - target) <= 1.5 / total
+        if method in PER_LAYER:
+            for name, layer in layers.items():
+                assert abs(stats["per_layer"][name] - target) <= 1 / layer.weight.numel(), name
     # the model itself is untouched
     assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
-    if method != "magnitude":
+    if method in PER_LAYER:
+        assert result.meta["num_samples_used"] == 12  # num_grads 1024 capped by the 12 calibration samples
+    elif method != "magnitude":
         assert result.meta["num_grads_used"] == 12  # num_grads 1024 capped by the 12 calibration samples
 
 
-@pytest.mark.parametrize("method", ["cap", "fastcap", "magnitude"])
+@pytest.mark.parametrize("method", METHODS)
 def test_nm_masks_hold_the_pattern_exactly(model, loader, method):
     result = run(model, loader, method=method, mask_type="2:4")
     for weights in result.weights.values():
@@ -55,7 +65,7 @@ def test_nm_masks_hold_the_pattern_exactly(model, loader, method):
         assert sparsity_stats(weights, (2, 4))["nm_pattern_holds"]
 
 
-@pytest.mark.parametrize("method", ["cap", "fastcap", "magnitude"])
+@pytest.mark.parametrize("method", METHODS)
 def test_block4_prunes_whole_groups(model, loader, method):
     result = run(model, loader, method=method, mask_type="block4", targets=[0.5])
     for w in result.weights[0.5].values():
@@ -64,7 +74,7 @@ def test_block4_prunes_whole_groups(model, loader, method):
     assert abs(sparsity_stats(result.weights[0.5])["overall"] - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("method", ["cap", "fastcap"])
+@pytest.mark.parametrize("method", ["cap", "fastcap", "sparsegpt", "wanda"])
 def test_runs_are_deterministic(model, loader, method):
     first, second = run(model, loader, method=method), run(model, loader, method=method)
     for target in TARGETS:
@@ -82,8 +92,10 @@ def test_cap_chunked_rebuild_and_offload_equal_the_single_pass(model, loader):
                 assert torch.equal(w, chunked.weights[target][name]), (extra, name)
 
 
-def test_cap_beats_magnitude_on_the_loss_it_was_given(model, loader):
-    """One-shot CAP at 75% should change the calibration loss less than magnitude pruning does."""
+@pytest.mark.parametrize("method", ["cap", "sparsegpt"])
+def test_weight_updating_methods_beat_magnitude_on_the_calibration_loss(model, loader, method):
+    """One-shot CAP and SparseGPT at 75% should change the calibration loss less than magnitude pruning does
+    (Wanda, which updates no weight, does not on this random model)."""
     from clipprune.scoring.losses import contrastive
 
     def loss(weights):
@@ -96,9 +108,9 @@ def test_cap_beats_magnitude_on_the_loss_it_was_given(model, loader):
     with torch.no_grad():
         dense = sum(float(contrastive(model.encode_image(i), model.encode_text(t), model.logit_scale))
                     for i, t in loader)
-    cap = run(model, loader, method="cap", damp=1e-4, targets=[0.75]).weights[0.75]
+    pruned = run(model, loader, method=method, damp=1e-4, targets=[0.75]).weights[0.75]
     magnitude = run(model, loader, method="magnitude", targets=[0.75]).weights[0.75]
-    assert abs(loss(cap) - dense) < abs(loss(magnitude) - dense)
+    assert abs(loss(pruned) - dense) < abs(loss(magnitude) - dense)
 
 
 def test_text_tower_with_an_image_only_loss_is_refused(model, loader):

@@ -36,6 +36,8 @@ class SparsityConfig:
     fisher_dtype: str = "float32"
     chunk_layers: int | str | None = "auto"  # auto | null (all layers) | layers per pass
     offload: bool = False
+    hessian_damp: float = 0.01  # sparsegpt: λ = hessian_damp · mean(diag XXᵀ)
+    num_recomputations: int = 1  # steps to each target, gradients / Fisher recomputed between them
     options: dict = field(default_factory=dict)
 
     @property

@@ -1,10 +1,13 @@
 """The registry of weight-sparsity methods, looked up by ``sparsity.method``.
 
-A method is ``fn(layers, config, grads, progress) -> SparsityResult``:
+A method is ``fn(layers, config, data, progress) -> SparsityResult``:
 
 * ``layers``: ordered ``{name: nn.Linear}`` (``layers.prunable_linears``), weights read, never modified;
-* ``config``: the validated ``SparsityConfig``; ``grads``: a ``GradientSource`` (``None`` for data-free
-  methods, registered with ``needs_data=False``).
+* ``config``: the validated ``SparsityConfig``;
+* ``data``: what the method reads from the calibration set, by its registered ``source``: a
+  ``GradientSource`` of per-sample gradients (``source="gradients"``: cap, fastcap; the argument is named
+  ``grads``), an ``inputs.InputSource`` of layer inputs (``source="inputs"``: wanda, sparsegpt; named
+  ``inputs``), or ``None`` for data-free methods (``needs_data=False``: magnitude).
 
 It returns, for every target in ``config.targets``, the new dense-shaped weight of every layer.
 """
@@ -43,15 +46,19 @@ class GradientSource:
         return self.stream_fn(list(names))
 
 
-METHODS = Registry("sparsity.method", "method", fixed=("layers", "config", "grads", "progress"))
+METHODS = Registry("sparsity.method", "method", fixed=("layers", "config", "grads", "inputs", "progress"))
+SOURCES = ("gradients", "inputs")
 
 
-def register_method(name: str, needs_data: bool = True):
+def register_method(name: str, needs_data: bool = True, source: str = "gradients"):
     """Decorator: register a sparsity method under ``name`` (a value of ``sparsity.method``).
 
-    ``needs_data=False`` marks methods that read no gradients (they get ``grads=None``).
+    ``needs_data=False`` marks methods that read no calibration data (they get ``None``); ``source`` says
+    what a data method reads: per-sample ``gradients`` or layer ``inputs``.
     """
-    return METHODS.register(name, needs_data=needs_data)
+    if source not in SOURCES:
+        raise ValueError(f"a sparsity method's source must be one of {', '.join(SOURCES)}, got {source!r}")
+    return METHODS.register(name, needs_data=needs_data, source=source)
 
 
 def available_methods() -> list[str]:
