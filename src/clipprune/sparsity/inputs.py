@@ -123,3 +123,15 @@ def prune_sequentially(names, source: InputSource, kind: str,
             with torch.no_grad():
                 weight.copy_(out[name].to(weight.dtype))
     return out
+
+
+def prune_at_targets(names, config, source: InputSource, kind: str,
+                     prune_layer_at: Callable[[float | None], Callable], label: str) -> dict[float, dict]:
+    """``{target: new weights}``: one sequential pass per target with ``prune_layer_at(target)``; an N:M mask
+    fixes the sparsity, so one pass (``prune_layer_at(None)``) serves every target."""
+    mask = config.mask
+    if mask.kind == "nm":
+        weights = prune_sequentially(names, source, kind, prune_layer_at(None), desc=f"{label} {mask.name}")
+        return {target: weights for target in config.targets}
+    return {target: prune_sequentially(names, source, kind, prune_layer_at(target), desc=f"{label} {target}")
+            for target in config.targets}

@@ -26,7 +26,7 @@ from clipprune.errors import ClipPruneError, ParamError
 
 from .cap import effective_block_size
 from .config import MaskType, SparsityConfig
-from .inputs import InputSource, prune_sequentially
+from .inputs import InputSource, prune_at_targets
 from .masks import check_alignment, nm_mask_from_scores
 from .registry import SparsityResult, register_method
 
@@ -96,15 +96,8 @@ def sparsegpt_sparsify(layers, config: SparsityConfig, inputs: InputSource,
             return sparsegpt_prune(weight, upper, mask, target).float()
         return prune
 
-    targets = [None] if mask.kind == "nm" else list(config.targets)
-    out = {}
-    for target in targets:
-        weights = prune_sequentially(list(layers), inputs, "gram", prune_layer(target),
-                                     desc=f"sparsegpt {mask.name if target is None else target}")
-        if target is None:
-            return SparsityResult({t: weights for t in config.targets}, _meta(config, inputs))
-        out[target] = weights
-    return SparsityResult(out, _meta(config, inputs))
+    weights = prune_at_targets(list(layers), config, inputs, "gram", prune_layer, "sparsegpt")
+    return SparsityResult(weights, _meta(config, inputs))
 
 
 def _meta(config: SparsityConfig, inputs: InputSource) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import MaskType, SparsityConfig
-from .inputs import InputSource, prune_sequentially
+from .inputs import InputSource, prune_at_targets
 from .masks import check_alignment, nm_mask_from_scores
 from .registry import SparsityResult, register_method
 
@@ -52,16 +52,11 @@ def wanda_sparsify(layers, config: SparsityConfig, inputs: InputSource, progress
     mask = config.mask
     for name, layer in layers.items():
         check_alignment(name, layer.weight, mask)
-    targets = [None] if mask.kind == "nm" else list(config.targets)
-    out = {}
-    for target in targets:
-        weights = prune_sequentially(list(layers), inputs, "sq_norm",
-                                     lambda name, w, sq_norm: wanda_prune(w, sq_norm, mask, target).float(),
-                                     desc=f"wanda {mask.name if target is None else target}")
-        if target is None:
-            return SparsityResult({t: weights for t in config.targets}, _meta(config, inputs))
-        out[target] = weights
-    return SparsityResult(out, _meta(config, inputs))
+    def prune_layer(target):
+        return lambda name, weight, sq_norm: wanda_prune(weight, sq_norm, mask, target).float()
+
+    weights = prune_at_targets(list(layers), config, inputs, "sq_norm", prune_layer, "wanda")
+    return SparsityResult(weights, _meta(config, inputs))
 
 
 def _meta(config: SparsityConfig, inputs: InputSource) -> dict:
