@@ -19,10 +19,10 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from clipprune.errors import ClipPruneError, DataError
 from clipprune.models.base import ClipModel
+from clipprune.progress import progress_bar
 
 from .layers import prunable_linears
 
@@ -115,7 +115,7 @@ def prune_sequentially(names, source: InputSource, kind: str,
     work = source.model.copy()
     work_layers = prunable_linears(work, source.towers)
     out: dict[str, torch.Tensor] = {}
-    for group in tqdm(block_groups(names), desc=desc, unit="block", disable=not source.progress):
+    for group in progress_bar(block_groups(names), desc=desc, unit="block", enabled=source.progress):
         stats = source.statistics(work, {n: work_layers[n] for n in group}, kind)
         for name in group:
             weight = work_layers[name].weight
