@@ -7,20 +7,9 @@ from clipprune.errors import ClipPruneError
 from clipprune.sparsity import apply_weights, prunable_linears
 from clipprune.sparsity.inputs import InputSource, block_groups, prune_sequentially
 
-from models import single_thread_fixture, tiny_open_clip
-from scoring import batches
+from models import single_thread_fixture
 
 single_thread = single_thread_fixture()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_open_clip(seed=0)
-
-
-@pytest.fixture(scope="module")
-def loader(model):
-    return batches(model, sizes=(4, 4, 4), seed=1)
 
 
 def captured_inputs(model, loader, layers, num_samples, towers=("vision",)):

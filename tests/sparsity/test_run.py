@@ -7,20 +7,9 @@ from clipprune.sparsity import available_methods, parse_config, prunable_linears
     sparsify, sparsity_stats
 from clipprune.sparsity import run as run_module
 
-from models import single_thread_fixture, tiny_open_clip
-from scoring import batches
+from models import single_thread_fixture
 
 single_thread = single_thread_fixture()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_open_clip(seed=0)
-
-
-@pytest.fixture(scope="module")
-def loader(model):
-    return batches(model, sizes=(4, 4, 4), seed=1)
 
 
 def config(**section):
