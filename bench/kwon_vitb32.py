@@ -34,7 +34,7 @@ import torch
 from clipprune import flops
 from clipprune.evaluate.latency import latency_ratio
 from clipprune.io import write_json
-from clipprune.models.loading import wrap_open_clip
+from clipprune.models.open_clip_adapter import wrap_open_clip
 from clipprune.models.open_clip_adapter import OpenClipModel, build_open_clip_module
 from clipprune.models.prune import prune_model
 from clipprune.scoring import frozen_parameters, mask_gradients, score_model

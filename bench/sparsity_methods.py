@@ -44,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     raw = load_params(REPO / "params.yaml")
     os.chdir(args.data_root)
+    os.environ.setdefault("CLIPPRUNE_FIXTURES", str(REPO / "data" / "fixtures"))  # as the stages set it
     rows = []
     for run in args.runs:
         method, _, steps = run.partition(":")

@@ -10,7 +10,13 @@ changes nothing and the order only the order of the output.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+# ``fixture:<name>`` models come from the folder in CLIPPRUNE_FIXTURES (the stages set it; so do the tests)
+os.environ.setdefault("CLIPPRUNE_FIXTURES", str(Path(__file__).resolve().parents[1] / "data" / "fixtures"))
 
 # the files that run whole pipelines, longest first (measured with --durations)
 LONGEST_FIRST = ("test_pipeline_e2e.py", "test_sweep.py", "test_remotes.py", "test_determinism.py",

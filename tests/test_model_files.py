@@ -59,8 +59,12 @@ def test_fixture_resolves_to_its_folder(tmp_path, monkeypatch):
         resolve_model_files("fixture:nope")
 
 
-def test_default_fixture_root_is_the_repos(monkeypatch):
+def test_fixture_root_is_never_guessed_from_a_checkout(monkeypatch):
     monkeypatch.delenv("CLIPPRUNE_FIXTURES", raising=False)
+    with pytest.raises(ModelLoadError, match=r"^fixture:<name> models .* CLIPPRUNE_FIXTURES, which is not set; "
+                                             r".*stages set it to data/fixtures\)$"):
+        resolve_model_files("fixture:tiny_clip")
+    monkeypatch.setenv("CLIPPRUNE_FIXTURES", str(REPO / "data/fixtures"))
     assert resolve_model_files("fixture:tiny_clip") == (REPO / "data/fixtures/tiny_clip",)
 
 

@@ -35,13 +35,14 @@ OPEN_CLIP_HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
 
 
 def fixtures_root() -> Path:
-    """data/fixtures of the repository (override with env CLIPPRUNE_FIXTURES; stages set it to theirs)."""
-    override = os.environ.get("CLIPPRUNE_FIXTURES")
-    if override:
-        return Path(override)
-    import clipprune
-
-    return Path(clipprune.__file__).resolve().parents[2] / "data" / "fixtures"
+    """The folder ``fixture:<name>`` names are looked up in: env CLIPPRUNE_FIXTURES (the stages set it to the
+    project's data/fixtures). The library assumes no checkout around it, so unset is a ModelLoadError."""
+    root = os.environ.get("CLIPPRUNE_FIXTURES")
+    if not root:
+        raise ModelLoadError("fixture:<name> models are read from the folder in env CLIPPRUNE_FIXTURES, which is "
+                             "not set; set it to a directory holding <name>/config.json and "
+                             "<name>/model.safetensors (the pipeline's stages set it to data/fixtures)")
+    return Path(root)
 
 
 def split_name(name: str) -> tuple[str, str]:

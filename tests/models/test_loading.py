@@ -89,14 +89,10 @@ def test_fixture_errors_name_the_file(tmp_path, monkeypatch):
         load_model("fixture:broken")
 
 
-def test_default_fixture_root_is_repo_data_dir(monkeypatch):
-    import clipprune
-    from clipprune.models import fixtures_root
-
+def test_fixture_names_need_the_fixtures_folder(monkeypatch):
     monkeypatch.delenv("CLIPPRUNE_FIXTURES", raising=False)
-    from pathlib import Path
-
-    assert fixtures_root() == Path(clipprune.__file__).resolve().parents[2] / "data" / "fixtures"
+    with pytest.raises(ModelLoadError, match="CLIPPRUNE_FIXTURES, which is not set"):
+        load_model("fixture:tiny_clip")
 
 
 def test_hf_local_directory_with_tokenizer(tmp_path):

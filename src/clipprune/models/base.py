@@ -2,8 +2,10 @@
 
 Everything family-specific lives in the family's adapter module (``open_clip_adapter``, ``hf_adapter``),
 registered in ``MODEL_FAMILIES`` under its ``family`` name: how its blocks are reached, how it is rebuilt from
-an export config, where its text embedding is pooled, its feature taps and per-tower parameters. Adding a
-family is one adapter module that subclasses ``ClipModel`` and registers itself.
+an export config, where its text embedding is pooled, its feature taps and per-tower parameters, and the
+loaders of its model names, registered in ``MODEL_SOURCES`` under their prefix (``hf`` for ``hf:<dir>``).
+Adding a family is one adapter module that subclasses ``ClipModel`` and registers both (plus, in
+``clipprune.model_files``, which local files its names read: that module must not import torch).
 
 A ``ClipModel`` wraps the underlying ``nn.Module`` and exposes, per tower ("vision", "text"), the list of
 transformer blocks with their shapes and two hook points per block:
@@ -32,6 +34,8 @@ TOWERS = ("vision", "text")
 
 # adapter classes by family name (the ``family`` of an export config); models/__init__ imports the adapters
 MODEL_FAMILIES = Registry("base.family", "model family")
+# loaders by model-name prefix: ``loader(spec, device) -> ClipModel`` for ``<prefix>:<spec>`` (models.load_model)
+MODEL_SOURCES = Registry("model", "model name prefix")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Adapter for transformers ``CLIPModel``.
+"""Adapter for transformers ``CLIPModel``, and the loader of ``hf:`` names.
+
+``hf:`` models read their tokenizer and image preprocessing from the same folder as the weights. A present
+but unreadable tokenizer file or preprocessor_config.json is a ModelLoadError naming the file; a missing
+preprocessor_config.json (or key) takes CLIP's defaults and a missing tokenizer leaves the model without
+one (text encoding then fails), each logged once as an ``AssumedDefaultsWarning``.
 
 ``CLIPAttention`` already calls ``out_proj`` on the per-head context and reshapes with ``-1`` heads, so
 head hooks and head slicing work on the original modules; nothing is replaced on load.
@@ -13,9 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, BlockLayout, ClipModel,
-                   EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget, check_preprocess_config,
-                   config_int, unique_parameters)
+from ..model_files import hf_directory
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, MODEL_SOURCES, BlockLayout,
+                   ClipModel, EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget,
+                   check_preprocess_config, config_int, unique_parameters)
+from .loading import (UNSAFE_CHECKPOINT, finite_number, first_line, read_json_file, refused_pickle,
+                      warn_assumed)
 
 HF_LAYOUT = BlockLayout(attn="self_attn", mlp="mlp", fc1="fc1", fc2="fc2")
 TOKENIZER_DIR = "tokenizer"  # where an exported model keeps its tokenizer files
@@ -243,3 +251,123 @@ def default_export_config(module: nn.Module, image_mean: Sequence[float] = DEFAU
         "image_std": [float(v) for v in image_std],
         "context_length": int(config.text_config.max_position_embeddings),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# loader (models.load_model)
+# ---------------------------------------------------------------------------------------------
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return True
+
+
+@MODEL_SOURCES.register("hf")
+def load_hf(spec: str, device: str) -> HFClipModel:
+    """``hf:<repo id or local dir>``: a transformers ``CLIPModel`` with the tokenizer and image preprocessing
+    saved next to its weights (a missing tokenizer or preprocessor_config.json: ``AssumedDefaultsWarning``)."""
+    from transformers import CLIPModel
+
+    if not spec:
+        hf_directory(spec)  # raises the usage error
+    local = Path(spec).is_dir()
+    # cache first (no network); a download is only tried when not offline and the name is not a local dir
+    attempts = [True] if local or _hub_offline() else [True, False]
+    module, errors = None, []
+    for local_only in attempts:
+        try:
+            module = CLIPModel.from_pretrained(spec, local_files_only=local_only, dtype=torch.float32)
+            break
+        except Exception as err:  # OSError for missing files, ValueError for wrong model types, ...
+            if refused_pickle(err):
+                raise ModelLoadError(f"hf:{spec}: the weights file {UNSAFE_CHECKPOINT}") from err
+            errors.append(first_line(err))
+    if module is None:
+        where = "the local directory" if local else "the HF cache" + ("" if len(attempts) == 1 else " and the hub")
+        raise ModelLoadError(
+            f"hf:{spec}: CLIPModel weights not found in {where} ({errors[-1][:200]}); pre-download them with "
+            f"`huggingface-cli download {spec}` on a machine with internet (HF_HOME cache), or pass a local "
+            f"directory saved with save_pretrained as hf:<dir>"
+        )
+    module = module.float().eval()
+    directory = hf_directory(spec)  # the folder the weights came from: tokenizer and preprocessing live there
+    context_length = int(module.config.text_config.max_position_embeddings)
+    tokenizer = _hf_tokenizer(directory, f"hf:{spec}", context_length)
+    mean, std, size = _image_processor_settings(directory, f"hf:{spec}", module)
+    config = default_export_config(module, mean, std, size)
+    return HFClipModel(module, f"hf:{spec}", config, tokenizer=tokenizer).to(device)
+
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _hf_tokenizer(directory: Path, name: str, context_length: int):
+    """The CLIP tokenizer saved in ``directory``: tokenizer.json, or vocab.json + merges.txt.
+
+    Present but unreadable: ModelLoadError naming the file. None at all: no tokenizer (logged); the model
+    loads and vision-only stages work, encoding text fails with a one-line reason (MissingTokenizer).
+    """
+    from transformers import CLIPTokenizer  # transformers 5: one class, backed by the tokenizers library
+
+    fast, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
+    if fast.is_file():
+        main = fast
+    elif vocab.is_file() or merges.is_file():
+        if not (vocab.is_file() and merges.is_file()):
+            present, absent = (vocab, merges) if vocab.is_file() else (merges, vocab)
+            raise ModelLoadError(f"{absent} not found next to {present.name} (a CLIP BPE tokenizer needs both, "
+                                 f"or a tokenizer.json)")
+        main = vocab
+    else:
+        warn_assumed(f"{name}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {directory}; "
+                      f"the model has no tokenizer and encoding text will fail (for a model with OpenAI's CLIP "
+                      f"vocabulary: {WRITE_TOKENIZER_COMMAND.replace('<dir>', str(directory))})")
+        return None
+    for filename in TOKENIZER_JSON_FILES:
+        if (directory / filename).is_file():
+            read_json_file(directory / filename, "tokenizer file")
+    try:
+        return HFTokenizer(CLIPTokenizer.from_pretrained(str(directory), local_files_only=True), context_length)
+    except Exception as err:  # the files parse as JSON but do not make a tokenizer
+        raise ModelLoadError(f"{main}: unreadable tokenizer file ({first_line(err)[:200]})") from err
+
+
+def _image_processor_settings(directory: Path, name: str, module) -> tuple[list, list, int]:
+    """(mean, std, crop size) from ``directory``/preprocessor_config.json.
+
+    A missing file or key takes CLIPImageProcessor's default (OpenAI CLIP mean / std; the crop is the vision
+    config's image_size), logged once; a present but unreadable or malformed file is a ModelLoadError.
+    """
+    path = directory / "preprocessor_config.json"
+    defaults = {"image_mean": list(DEFAULT_IMAGE_MEAN), "image_std": list(DEFAULT_IMAGE_STD),
+                "crop_size": int(module.config.vision_config.image_size)}
+    if not path.is_file():
+        warn_assumed(f"{name}: no preprocessor_config.json in {directory}; assuming CLIP's image preprocessing "
+                      f"(image_mean {defaults['image_mean']}, image_std {defaults['image_std']}, crop_size "
+                      f"{defaults['crop_size']} from the vision config)")
+        return defaults["image_mean"], defaults["image_std"], defaults["crop_size"]
+    cfg = read_json_file(path, "image preprocessor config")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    absent = [key for key in defaults if key not in cfg]
+    if absent:
+        warn_assumed(f"{name}: {path} has no {', '.join(absent)}; assuming "
+                      + ", ".join(f"{key} {defaults[key]}" for key in absent))
+    values = {**defaults, **{key: cfg[key] for key in defaults if key in cfg}}
+    for key in ("image_mean", "image_std"):
+        value = values[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(finite_number(v) for v in value)) or \
+                (key == "image_std" and min(value) <= 0):
+            raise ModelLoadError(f"{path}: {key} must be a list of 3 {'positive ' if key == 'image_std' else ''}"
+                                 f"numbers, got {value!r}")
+    crop = values["crop_size"]
+    if isinstance(crop, dict):
+        sides = {crop.get("height"), crop.get("width")} - {None}
+        crop = sides.pop() if len(sides) == 1 else None
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
+        raise ModelLoadError(f"{path}: crop_size must be a positive integer or a square "
+                             f"{{height, width}}, got {values['crop_size']!r}")
+    return [float(v) for v in values["image_mean"]], [float(v) for v in values["image_std"]], crop

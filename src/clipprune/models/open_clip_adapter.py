@@ -1,4 +1,4 @@
-"""Adapter for open_clip CLIP models with ViT vision towers.
+"""Adapter for open_clip CLIP models with ViT vision towers, and the loaders of ``fixture:`` and ``open_clip:`` names.
 
 On construction every ``nn.MultiheadAttention`` of the vision and text transformer blocks is replaced by
 ``MultiHeadSelfAttention`` (same outputs), so head masks can hook the attention context and heads can be
@@ -7,16 +7,19 @@ sliced out physically.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..model_files import fixture_files, parse_open_clip
 from .attention import MultiHeadSelfAttention
-from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, BlockLayout, ClipModel,
-                   EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget, check_preprocess_config,
-                   config_int, unique_parameters)
+from .base import (MAX_CONTEXT, MAX_IMAGE_SIDE, MAX_VOCAB, MAX_WIDTH, MODEL_FAMILIES, MODEL_SOURCES, BlockLayout,
+                   ClipModel, EncoderTower, TextPooling, Tower, check_encoder_widths, check_param_budget,
+                   check_preprocess_config, config_int, unique_parameters)
+from .loading import UNSAFE_CHECKPOINT, first_line, quiet_root_logger, read_model_state, refused_pickle
 
 OPEN_CLIP_LAYOUT = BlockLayout(attn="attn", mlp="mlp", fc1="c_fc", fc2="c_proj")
 # text pooling rules of open_clip 3.3.0 (``text_global_pool``; ``TextTransformer`` accepts exactly these)
@@ -217,7 +220,7 @@ class OpenClipModel(ClipModel):
         self.towers = self._make_towers()
 
     @classmethod
-    def from_config(cls, config: dict, name: str, prefix: str = "") -> "OpenClipModel":
+    def from_config(cls, config: dict, name: str, prefix: str = "") -> OpenClipModel:
         """Random-initialised model of the architecture described by an export config (no download).
 
         ModelLoadError naming the key (under ``prefix``) for a width or preprocessing value that makes no sense.
@@ -230,7 +233,7 @@ class OpenClipModel(ClipModel):
         return cls(build_open_clip_module(config.get("model_cfg"), f"{prefix}model_cfg"), name, config)
 
     @classmethod
-    def from_export(cls, config: dict, name: str, directory, prefix: str = "") -> "OpenClipModel":
+    def from_export(cls, config: dict, name: str, directory, prefix: str = "") -> OpenClipModel:
         return cls.from_config(config, name, prefix=prefix)  # the tokenizer is rebuilt from config["tokenizer"]
 
     def _make_towers(self) -> dict[str, Tower]:
@@ -330,3 +333,114 @@ def _config_head_dims(model_cfg: dict) -> tuple[int, int]:
     vision = CLIPVisionCfg(**model_cfg["vision_cfg"])
     text = CLIPTextCfg(**model_cfg["text_cfg"])
     return vision.head_width, text.width // text.heads
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders (models.load_model)
+# ---------------------------------------------------------------------------------------------
+@MODEL_SOURCES.register("fixture")
+def load_fixture(spec: str, device: str) -> OpenClipModel:
+    """``fixture:<name>``: ``<fixtures root>/<name>/config.json`` (open_clip model_cfg and preprocessing) with
+    ``model.safetensors`` (a plain open_clip state dict, or one of the adapted model)."""
+    config_path, weights_path = fixture_files(spec)
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config_path}: invalid JSON ({first_line(err)})") from err
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("family", "open_clip") != "open_clip":
+        raise ModelLoadError(f"{config_path}: family must be 'open_clip', got {raw.get('family')!r}")
+    for key in ("model_cfg", "image_mean", "image_std"):
+        if key not in raw:
+            raise ModelLoadError(f"{config_path}: missing key {key!r}")
+    model_cfg = raw["model_cfg"]
+    try:
+        check_model_cfg(model_cfg)
+        image_size = model_cfg["vision_cfg"]["image_size"]
+        context_length = config_int(model_cfg["text_cfg"]["context_length"], "model_cfg.text_cfg.context_length",
+                                    MAX_CONTEXT)
+    except (KeyError, TypeError) as err:
+        raise ModelLoadError(f"{config_path}: model_cfg needs vision_cfg.image_size and "
+                             f"text_cfg.context_length") from err
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{config_path}: {err}") from None
+    config = {
+        "family": "open_clip",
+        "model_cfg": model_cfg,
+        "image_size": image_size if isinstance(image_size, int) else None,  # a [h, w] pair: refused below
+        "image_mean": raw["image_mean"],
+        "image_std": raw["image_std"],
+        "interpolation": raw.get("interpolation"),
+        "resize_mode": raw.get("resize_mode"),
+        "tokenizer": {"arch": None, "context_length": context_length},
+    }
+    try:
+        check_preprocess_config(config)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{config_path}: {err}") from None
+    config["image_mean"], config["image_std"] = list(config["image_mean"]), list(config["image_std"])
+    try:
+        module = build_open_clip_module(model_cfg)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{config_path}: {err}") from err
+    state = read_model_state(weights_path, module)
+    # plain open_clip state dicts hold attn.in_proj_weight; one saved from an adapted model holds attn.q_proj.*
+    adapted = any(".attn.q_proj." in key for key in state)
+    model = OpenClipModel(module.eval(), f"fixture:{spec}", config) if adapted else None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{weights_path}: weights do not match {config_path.name} "
+                             f"({first_line(err)})") from err
+    if model is None:
+        model = OpenClipModel(module.eval(), f"fixture:{spec}", config)
+    return model.to(device)
+
+
+@MODEL_SOURCES.register("open_clip")
+def load_open_clip(spec: str, device: str) -> OpenClipModel:
+    """``open_clip:<arch>/<pretrained tag or local file>`` through open_clip's own factory (cache first)."""
+    import open_clip
+
+    arch, pretrained, _ = parse_open_clip(spec)
+    try:
+        with quiet_root_logger():
+            module, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu",
+                                                                          weights_only=True)
+    except Exception as err:  # download / cache / checkpoint errors of many kinds
+        if refused_pickle(err):
+            raise ModelLoadError(f"open_clip:{spec}: the checkpoint {UNSAFE_CHECKPOINT}") from err
+        raise ModelLoadError(
+            f"open_clip:{spec}: could not load the weights offline ({first_line(err)}); pre-download them into "
+            f"the HF/open_clip cache (HF_HOME) on a machine with internet, or pass a local checkpoint file "
+            f"as open_clip:{arch}/<path>"
+        ) from err
+    return wrap_open_clip(module, f"open_clip:{spec}", open_clip.get_model_config(arch), arch,
+                          preprocess=preprocess).to(device)
+
+
+def wrap_open_clip(module, name: str, model_cfg: dict, tokenizer_arch: str | None = None,
+                   preprocess=None) -> OpenClipModel:
+    """Wrap an already built open_clip ``CLIP`` (its attention is converted in place) as ``load_model`` does.
+
+    ``model_cfg``: the open_clip model config it was built from; ``tokenizer_arch``: the architecture whose
+    tokenizer to use (None: open_clip's bundled BPE tokenizer with the config's context length).
+    """
+    import open_clip
+
+    pp = dict(getattr(module.visual, "preprocess_cfg", {}) or {})
+    size = pp.get("size", module.visual.image_size)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    config = {
+        "family": "open_clip",
+        "model_cfg": model_cfg,
+        "image_size": int(size),
+        "image_mean": list(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "image_std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
+        "interpolation": pp.get("interpolation"),
+        "resize_mode": pp.get("resize_mode"),
+        "tokenizer": {"arch": tokenizer_arch,
+                      "context_length": int(model_cfg["text_cfg"].get("context_length", 77))},
+    }
+    return OpenClipModel(module.float().eval(), name, config, preprocess=preprocess)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ClipPruneError, ModelLoadError, ParamError
 from ..io import atomic_dir, read_safetensors, save_safetensors
-from .base import MODEL_FAMILIES, ClipModel
+from .base import MODEL_FAMILIES, MODEL_SOURCES, ClipModel
 from .masks import validate_masks
 from .prune import prune_in_place, prune_model
 
@@ -119,6 +119,7 @@ def build_dense(base: dict, name: str, out_dir: Path) -> ClipModel:
     return family.from_export(base, name, out_dir, prefix="base.")
 
 
+@MODEL_SOURCES.register("pruned")
 def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
     """Rebuild a model written by ``export_pruned`` (offline), in eval mode on ``device``."""
     out_dir = Path(out_dir)
