@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from clipprune.errors import MaskError, ParamError
+from clipprune.errors import MaskError, ModelLoadError, ParamError
 from clipprune.models import apply_masks, full_masks
 from clipprune.scoring import get_loss
 from clipprune.search import get_search, mask_summary
@@ -167,6 +167,16 @@ def test_needs_model_and_neuron_scores(model):
     assert all(torch.equal(plain[k], with_model[k]) for k in plain)
     with pytest.raises(ParamError, match="unknown option"):
         get_search("mac")(scores, views_of(model), 0.5, halvings=3)
+
+
+def test_a_replay_that_does_not_reproduce_the_model_stops_the_search(model, monkeypatch):
+    """The blocks-plus-tail replay is checked against encode_image before any width is tried."""
+    real = type(model).tower_output
+    monkeypatch.setattr(type(model), "tower_output", lambda self, tower, hidden, inputs:
+                        real(self, tower, hidden, inputs) * 1.01)
+    with pytest.raises(ModelLoadError, match=r"^test:\w+: the vision tower's blocks and tail \(tower_output\) do not "
+                                             r"reproduce encode_image \(max abs error .*\); the adaptive search"):
+        run(model, 0.02)
 
 
 def test_tail_batch_of_one_joins_the_previous_batch(model):

@@ -7,8 +7,8 @@ import torch
 
 from clipprune.errors import DataError, ModelLoadError
 from clipprune.models import apply_masks
-from clipprune.tuning.capture import (block_parts, capture_block_input, iter_tower_batches, record_output,
-                                      text_valid_positions)
+from clipprune.models.blocks import capture_block_input
+from clipprune.tuning.capture import block_parts, iter_tower_batches, record_output, text_valid_positions
 from models import (EOT_ID, OPEN_CLIP_CFG, hf_clip_config, random_masks, sample_inputs, single_thread_fixture,
                     tiny_model, tiny_open_clip)
 
@@ -23,7 +23,7 @@ def test_propagating_captured_inputs_matches_the_tower(family, masked):
     masks = random_masks(model, seed=0, real_valued=True) if masked else {}
     (batch,) = list(iter_tower_batches(model, (images, tokens), ("vision", "text"), batch_size=8))
     for tower in ("vision", "text"):
-        hidden, call = capture_block_input(model, tower, batch[tower])
+        hidden, call = capture_block_input(model, tower, batch[tower].inputs)
         blocks = model.towers[tower].blocks()
         seen = {}
         with torch.no_grad(), (apply_masks(model, masks) if masks else contextlib.nullcontext()):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..models.base import ClipModel, unique_parameters

@@ -52,6 +52,20 @@ class TextPooling:
     causal: bool
     pad_id: int | None = None
 
+    def positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``[B]`` position each row's embedding is read from, as the model computes it; ``None`` for ``none``."""
+        if self.rule == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.rule == "eos":  # the first eos (position 0 when a row has none, as the models do)
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.rule == "first":
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        if self.rule == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+        if self.rule == "none":
+            return None
+        raise ModelLoadError(f"unknown text pooling rule {self.rule!r}")
+
 
 @dataclass(frozen=True)
 class BlockView:
@@ -250,9 +264,19 @@ class ClipModel:
         tower pools in a way mask tuning cannot follow)."""
         raise NotImplementedError
 
+    def tower_output(self, tower: str, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The tower's embedding from its last block's output ``hidden`` (``[B, T, D]``, batch first) and the
+        tower's ``inputs`` (the token ids pick the pooled position): the part of ``encode_image`` /
+        ``encode_text`` after the blocks (final norm, pooling, projection). Lets a search rerun only the blocks
+        a candidate changes (``search/adaptive.py``)."""
+        raise NotImplementedError
+
     def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Projected final token features ``(batch, tokens, embed_dim)`` of the vision tower; row 0 equals
-        ``encode_image`` (CLS pooling). ModelLoadError for a vision tower that pools otherwise."""
+        ``encode_image`` (CLS pooling). ModelLoadError for a vision tower that pools otherwise.
+
+        Taken after the projection so that token distillation (``distill.loss: mse``) covers the embedding
+        zero-shot uses and the projection gets gradient (without it weight decay would shrink the projection)."""
         raise NotImplementedError
 
     def tower_parameters(self, tower: str) -> list[nn.Parameter]:

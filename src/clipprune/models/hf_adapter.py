@@ -184,6 +184,17 @@ class HFClipModel(ClipModel):
                                  f"embedding is pooled at), got {eos!r}")
         return TextPooling("argmax" if eos == 2 else "eos", eos, causal=True)
 
+    def tower_output(self, tower: str, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``CLIPVisionTransformer``: ``post_layernorm`` of the CLS token; ``CLIPTextTransformer``:
+        ``final_layer_norm`` read at the pooled position; then the family's projection."""
+        if tower == "vision":
+            return self.module.visual_projection(self.module.vision_model.post_layernorm(hidden[:, 0]))
+        if tower != "text":
+            raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+        x = self.module.text_model.final_layer_norm(hidden)
+        positions = self.text_pooling().positions(inputs)
+        return self.module.text_projection(x[torch.arange(x.shape[0], device=x.device), positions])
+
     def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
         vision = self.module.vision_model
         hidden = vision(pixel_values=images).last_hidden_state

@@ -298,6 +298,25 @@ class OpenClipModel(ClipModel):
             raise ModelLoadError(f"{self.name}: text pooling rule 'eos' needs an integer eos id, got {eos!r}")
         return TextPooling(rule, eos, causal, pad_id)
 
+    def tower_output(self, tower: str, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """open_clip's own ``_pool`` for the vision tower; for text, ``ln_final``, the pooling rule and the
+        projection as ``CLIP.encode_text`` / ``TextTransformer.forward`` apply them."""
+        if tower == "vision":
+            visual = self.module.visual
+            pooled, _ = visual._pool(hidden)
+            return pooled @ visual.proj if visual.proj is not None else pooled
+        if tower != "text":
+            raise KeyError(f"unknown tower {tower!r} (expected vision or text)")
+        owner = getattr(self.module, "text", self.module)  # CustomTextCLIP's TextTransformer, or CLIP itself
+        pooling = self.text_pooling()  # refuses an appended class token
+        x = owner.ln_final(hidden)
+        positions = pooling.positions(inputs)
+        pooled = x if positions is None else x[torch.arange(x.shape[0], device=x.device), positions]
+        projection = owner.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
     def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.module.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):

@@ -14,9 +14,11 @@ The held-out loss is the label-free ``entropy`` loss by default (images only, me
 measured on ``holdout``: pairs disjoint from the calibration images (``clipprune.data.holdout``); the loss
 is ``heldout.HeldOutLoss``, the trace plot ``clipprune.report.plots.plot_search_trace``.
 
-Speed: while block ``L`` is searched the blocks before it are dense and fixed, so their output is computed
-once per batch and replayed (the blocks' ``forward`` temporarily returns the recorded output): a candidate
-width costs the embedding plus blocks ``L ..`` only. Features of the tower not being searched are cached.
+Speed: while block ``L`` is searched the blocks before it are dense and fixed, so block ``L``'s input is
+computed once per batch (from the first block's input, captured with its call arguments by
+``models.blocks``) and a candidate width runs blocks ``L ..`` and the tower's tail (``ClipModel.tower_output``)
+only; that replay is checked once per tower against ``encode_*``. Features of the tower not being searched are
+cached.
 The search is deterministic (no sampling; stable ordering of equal scores by index).
 
 Differences from AMP's reference: scores come from one scoring pass on the dense model (its ``ScoreEstimator``),
@@ -25,13 +27,13 @@ train split (the validation split is the evaluation set here).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Sequence
 
 import torch
 
-from clipprune.errors import MaskError, ParamError
+from clipprune.errors import MaskError, ModelLoadError, ParamError
 from clipprune.models.base import BlockView, ClipModel
+from clipprune.models.blocks import batch_first, capture_block_input, run_blocks
 from clipprune.models.masks import apply_masks, full_masks
 from clipprune.progress import progress_bar
 
@@ -45,56 +47,32 @@ DEFAULT_INV_TEMPERATURE = 20.0
 DEFAULT_LOSS_INC_THRESH = 0.02
 
 
-def _encode(model: ClipModel, tower: str, inputs: torch.Tensor) -> torch.Tensor:
-    return model.encode_image(inputs) if tower == "vision" else model.encode_text(inputs)
+class _BlockReplay:
+    """One tower's held-out batches as block inputs: block ``L``'s input and the features from it."""
 
+    def __init__(self, model: ClipModel, tower: str, inputs: list):
+        self.model, self.tower, self.inputs = model, tower, inputs
+        self.blocks = model.towers[tower].blocks()
+        self.first = [capture_block_input(model, tower, batch) for batch in inputs]
 
-class _StopForward(Exception):
-    """Raised by a capture hook once the block output it wants is recorded (skips the rest of the forward)."""
+    def block_inputs(self, layer: int) -> list[torch.Tensor]:
+        """Input of block ``layer`` for each batch, under whatever masks are applied."""
+        return [run_blocks(call, self.blocks[:layer], hidden) for hidden, call in self.first]
 
+    def features(self, layer: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tower's embeddings from block ``layer``'s inputs ``states``: blocks ``layer ..`` and the tail."""
+        return [self.model.tower_output(self.tower, batch_first(call, run_blocks(call, self.blocks[layer:], hidden)),
+                                        batch)
+                for (_, call), hidden, batch in zip(self.first, states, self.inputs)]
 
-def _block_outputs(model: ClipModel, tower: str, block: torch.nn.Module, inputs: list) -> list:
-    """The output of ``block`` for every batch of ``inputs`` (the forward stops right after it)."""
-    outputs = []
-
-    def record(module, args, output):
-        outputs.append(output)
-        raise _StopForward()
-
-    handle = block.register_forward_hook(record)
-    try:
-        for batch in inputs:
-            try:
-                _encode(model, tower, batch)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(outputs) != len(inputs):
-        raise RuntimeError(f"{tower} block output was not reached for every held-out batch")
-    return outputs
-
-
-@contextlib.contextmanager
-def _replayed(blocks: Sequence[torch.nn.Module], outputs: list, cursor: list):
-    """Blocks ``blocks`` skip their computation and return the recorded output for batch ``cursor[0]``.
-
-    Used for all blocks before the searched one: the last of them returns the searched block's input, the
-    others' (ignored) outputs are the same tensor. Only the instance ``forward`` is overridden; hooks and
-    the model code are untouched, and the override is removed on exit.
-    """
-    def replay(*args, **kwargs):
-        return outputs[cursor[0]]
-
-    patched = []
-    try:
-        for block in blocks:
-            block.forward = replay
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
+    def check(self, expected: list[torch.Tensor]) -> None:
+        """ModelLoadError unless the replay from block 0 reproduces ``encode_*`` (``expected``) on batch 0."""
+        replayed = self.features(0, self.block_inputs(0)[:1])[0]
+        if not torch.allclose(replayed, expected[0], rtol=1e-4, atol=1e-5):
+            error = (replayed - expected[0]).abs().max().item()
+            raise ModelLoadError(f"{self.model.name}: the {self.tower} tower's blocks and tail (tower_output) do not "
+                                 f"reproduce encode_{'image' if self.tower == 'vision' else 'text'} (max abs error "
+                                 f"{error:.3g}); the adaptive search cannot replay this model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +125,8 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
             total_layers = sum(len(views[t]) for t in towers)
             bar = progress_bar(total=total_layers, desc="search adaptive", unit="block", enabled=progress)
             for tower in towers:
-                blocks = model.towers[tower].blocks()
+                replay = _BlockReplay(model, tower, inputs[tower])
+                replay.check(features[tower])
                 table = scores[f"{tower}.neuron"].detach().to("cpu", torch.float64).numpy()
                 mask = masks[f"{tower}.neuron"]
                 for layer in reversed(range(len(views[tower]))):
@@ -157,8 +136,7 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
                     accepted, accepted_features = width, None
                     if width > 0:
                         order = torch.from_numpy(descending_order(table[layer, :width]).copy())
-                        before = _block_outputs(model, tower, blocks[layer - 1], inputs[tower]) if layer else None
-                        cursor = [0]
+                        states = replay.block_inputs(layer)  # the blocks before it are dense
                         left, right, tried = 0, width, set()
                         for _ in range(halvings):
                             mid = (left + right) // 2
@@ -167,11 +145,8 @@ def adaptive_search(scores: Mapping[str, torch.Tensor], views: Mapping[str, Sequ
                             tried.add(mid)
                             mask[layer, :width] = 0.0
                             mask[layer, order[:mid]] = 1.0
-                            candidate = []
-                            with apply_masks(model, masks), _replayed(blocks[:layer], before, cursor):
-                                for index, batch in enumerate(inputs[tower]):
-                                    cursor[0] = index
-                                    candidate.append(_encode(model, tower, batch))
+                            with apply_masks(model, masks):
+                                candidate = replay.features(layer, states)
                             other = features["text" if tower == "vision" else "vision"]
                             value = (held_out(candidate, other) if tower == "vision"
                                      else held_out(other, candidate))

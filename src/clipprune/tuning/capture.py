@@ -1,10 +1,9 @@
 """Layer-input capture and block-level helpers for mask tuning.
 
 Mask tuning works one transformer block at a time. Rather than re-running the whole encoder up to block
-``i`` for every layer (quadratic in depth), the inputs of block 0 are captured once per batch, together
-with the exact positional / keyword arguments the encoder passes to its blocks (attention masks,
-``is_causal`` ...), and the hidden states are then propagated block by block by calling each block
-directly. Only the current layer's inputs are kept (one ``[tokens, hidden]`` tensor per sample for the
+``i`` for every layer (quadratic in depth), the inputs of block 0 are captured once per batch with
+``models.blocks.capture_block_input`` (with the arguments the encoder passes to its blocks), and the hidden
+states are then propagated block by block by calling each block directly. Only the current layer's inputs are kept (one ``[tokens, hidden]`` tensor per sample for the
 teacher and one for the student).
 
 Inside a block, forward hooks read the tensors the least-squares problems need:
@@ -22,20 +21,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import DataError, ModelLoadError, ParamError
-from ..models.base import ClipModel, EncoderTower, TextPooling
+from ..models.base import ClipModel, EncoderTower
+from ..models.blocks import BlockCall, StopForward
 
 # second LayerNorm of a block, by family: open_clip ResidualAttentionBlock / transformers CLIPEncoderLayer
 _NORM2_NAMES = ("ln_2", "layer_norm2")
-
-
-class StopForward(Exception):
-    """Raised by a capture hook to end a block's forward early once the needed tensor is recorded."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,21 +117,6 @@ def iter_tower_batches(model: ClipModel, loader_or_inputs, towers: Sequence[str]
         yield out
 
 
-def pooled_positions(pooling: TextPooling, tokens: torch.Tensor) -> torch.Tensor | None:
-    """``[B]`` position each row's embedding is read from, as the model computes it; ``None`` for ``none``."""
-    if pooling.rule == "argmax":
-        return tokens.argmax(dim=-1)
-    if pooling.rule == "eos":  # the first eos (position 0 when a row has none, as the models do)
-        return (tokens == pooling.eos_id).int().argmax(dim=-1)
-    if pooling.rule == "first":
-        return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    if pooling.rule == "last":
-        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
-    if pooling.rule == "none":
-        return None
-    raise ModelLoadError(f"unknown text pooling rule {pooling.rule!r}")
-
-
 def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: the token positions that can influence the text embedding.
 
@@ -146,7 +127,7 @@ def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor
     """
     pooling = model.text_pooling()
     everything = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
-    pooled = pooled_positions(pooling, tokens)
+    pooled = pooling.positions(tokens)
     if pooled is None:
         return everything
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
@@ -156,68 +137,6 @@ def text_valid_positions(model: ClipModel, tokens: torch.Tensor) -> torch.Tensor
         return everything
     # masked padding keys reach no other position; a pad position matters only as the pooled one itself
     return (tokens != pooling.pad_id) | (positions == pooled[:, None])
-
-
-# ---------------------------------------------------------------------------------------------
-# block calls
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class BlockCall:
-    """How the encoder calls its blocks for one batch: the hidden state and the other arguments.
-
-    ``hidden`` is laid out as the blocks see it; ``seq_first`` says whether that is ``[T, B, D]``.
-    """
-
-    args: tuple
-    kwargs: dict
-    hidden_arg: int | str  # position in args, or keyword name, of the hidden state
-    seq_first: bool = False
-
-    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        args, kwargs = list(self.args), dict(self.kwargs)
-        if isinstance(self.hidden_arg, int):
-            args[self.hidden_arg] = hidden
-        else:
-            kwargs[self.hidden_arg] = hidden
-        out = block(*args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _run_tower(model: ClipModel, tower: str, inputs: torch.Tensor):
-    return model.encode_image(inputs) if tower == "vision" else model.encode_text(inputs)
-
-
-@torch.no_grad()
-def capture_block_input(model: ClipModel, tower: str, batch: TowerBatch) -> tuple[torch.Tensor, BlockCall]:
-    """Run the tower up to its first block; return that block's hidden input and its call arguments."""
-    block = model.towers[tower].blocks()[0]
-    seen: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        raise StopForward
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
-        _run_tower(model, tower, batch.inputs)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "args" not in seen:
-        raise ModelLoadError(f"{model.name}: the {tower} tower never called its first block")
-    args, kwargs = seen["args"], dict(seen["kwargs"])
-    if args and isinstance(args[0], torch.Tensor):
-        hidden, call = args[0], BlockCall(tuple(None if i == 0 else a for i, a in enumerate(args)), kwargs, 0)
-    else:
-        name = next((k for k in ("q_x", "hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
-        if name is None:
-            raise ModelLoadError(f"{model.name}: cannot find the hidden state among the {tower} block arguments")
-        hidden = kwargs.pop(name)
-        call = BlockCall(tuple(args), {**kwargs, name: None}, name)
-    batch_size = batch.inputs.shape[0]
-    call.seq_first = hidden.shape[0] != batch_size and hidden.shape[1] == batch_size
-    return hidden.detach(), call
 
 
 def token_rows(hidden: torch.Tensor, valid: torch.Tensor | None, seq_first: bool) -> torch.Tensor:

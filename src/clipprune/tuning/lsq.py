@@ -55,8 +55,9 @@ from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
 from ..models.prune import prune_model
 from ..progress import progress_bar
-from .capture import (BlockCall, block_parts, capture_block_input, iter_tower_batches, mlp_branch, record_input,
-                      record_structure, run_until_stop, token_rows, verify_block_structure)
+from ..models.blocks import BlockCall, capture_block_input
+from .capture import (block_parts, iter_tower_batches, mlp_branch, record_input, record_structure, run_until_stop,
+                      token_rows, verify_block_structure)
 
 __all__ = ["TuningWarning", "tune_masks", "LeastSquaresStats", "solve_scales"]
 
@@ -206,7 +207,7 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
             data = {tower: _TowerData() for tower in tower_names}
             for batch in iter_tower_batches(teacher, loader_or_inputs, tower_names, batch_size):
                 for tower, tower_batch in batch.items():
-                    hidden, call = capture_block_input(teacher, tower, tower_batch)
+                    hidden, call = capture_block_input(teacher, tower, tower_batch.inputs)
                     data[tower].calls.append(call)
                     data[tower].hidden.append(hidden)
                     data[tower].valid.append(tower_batch.valid)
