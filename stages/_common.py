@@ -166,9 +166,10 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
     restore_hf_progress = quiet_hf_progress()
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    set_fixtures = "CLIPPRUNE_FIXTURES" not in os.environ
-    if set_fixtures:
-        os.environ["CLIPPRUNE_FIXTURES"] = FIXTURES  # torchrun workers inherit it; unset again below
+    # Always this repo's fixtures: they are the stage's declared dep, whatever the caller's environment says
+    # (a test process or shell may point elsewhere). torchrun workers inherit it; the caller's value returns below.
+    caller_fixtures = os.environ.get("CLIPPRUNE_FIXTURES")
+    os.environ["CLIPPRUNE_FIXTURES"] = FIXTURES
     try:
         params = load_params(params_path)
         check_stage_model(name, params)
@@ -185,8 +186,10 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
     finally:
         warnings.showwarning = previous_showwarning
         restore_hf_progress()
-        if set_fixtures:
+        if caller_fixtures is None:
             os.environ.pop("CLIPPRUNE_FIXTURES", None)
+        else:
+            os.environ["CLIPPRUNE_FIXTURES"] = caller_fixtures
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -268,3 +268,15 @@ def test_model_files_module_imports_no_torch():
             "print(sorted(m for m in sys.modules if m.startswith(('torch', 'clipprune.models', 'open_clip'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stage_uses_its_own_fixtures_whatever_the_environment_says(common, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPPRUNE_FIXTURES", str(tmp_path / "elsewhere"))  # e.g. the test process's own checkout
+    seen = {}
+
+    def main(params):
+        seen["fixtures"] = os.environ.get("CLIPPRUNE_FIXTURES")
+
+    common.run_stage("export", main, params_path=str(write_params(tmp_path / "params.yaml")))
+    assert seen == {"fixtures": "data/fixtures"}
+    assert os.environ["CLIPPRUNE_FIXTURES"] == str(tmp_path / "elsewhere")  # the caller's value is back
