@@ -10,6 +10,10 @@ measured at every count, neurons at ``points`` evenly spaced widths. All points 
 timed round-robin, ``repeats`` rounds after ``warmup`` rounds, and the median of each is kept, so load
 drifting during the measurement affects every point alike.
 
+The tower is also timed with every sub-block dropped (its "skeleton": embeddings, norms, residual adds,
+pooling, projection). A block timed alone runs faster than inside its tower (caches, memory traffic), so
+``search.latency`` scales the block curves until they and the skeleton add up to the dense tower.
+
 The table is JSON, keyed by model, device and batch size in its content and in its file name
 (:func:`table_name`); ``search.latency`` fits and searches it.
 """
@@ -30,7 +34,7 @@ import torch
 from ..errors import ClipPruneError, MaskError
 from ..models.base import ClipModel
 from ..models.blocks import capture_block_input
-from ..models.prune import prune_heads, prune_neurons
+from ..models.prune import prune_heads, prune_model, prune_neurons
 
 FORMAT = "clipprune-latency-table"
 VERSION = 1
@@ -84,6 +88,14 @@ def _block_variant(work: ClipModel, dense: ClipModel, tower: str, heads: int, ne
     return copy.deepcopy(dst.blocks()[0])
 
 
+def _skeleton(model: ClipModel, tower: str) -> ClipModel:
+    """``model`` with every attention and MLP sub-block of ``tower`` dropped: what the blocks cannot remove."""
+    from ..models.masks import full_masks
+
+    masks = {key: torch.zeros_like(mask) for key, mask in full_masks(model, [tower]).items()}
+    return prune_model(model, masks)
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -111,7 +123,10 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
         work = model.copy()
         heads = list(range(1, first.num_heads + 1))
         neurons = neuron_widths(first.ffn_dim, points)
-        runs: dict[tuple, Callable] = {("tower", 0): lambda: encode(inputs)}
+        skeleton = _skeleton(model, tower)
+        encode_skeleton = skeleton.encode_image if tower == "vision" else skeleton.encode_text
+        runs: dict[tuple, Callable] = {("tower", 0): lambda: encode(inputs),
+                                       ("skeleton", 0): lambda: encode_skeleton(inputs)}
         for kind, widths in (("attention", heads), ("mlp", neurons), ("empty", [0])):
             for width in widths:
                 block = _block_variant(work, model, tower, width if kind == "attention" else 0,
@@ -130,7 +145,8 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
         table["towers"][tower] = {
             "layers": len(views), "num_heads": first.num_heads, "ffn_dim": first.ffn_dim,
             "head_dim": first.head_dim, "hidden": first.hidden, "tokens": first.tokens,
-            "dense_seconds": median[("tower", 0)], "empty_block_seconds": empty,
+            "dense_seconds": median[("tower", 0)], "skeleton_seconds": median[("skeleton", 0)],
+            "empty_block_seconds": empty,
             "attention": {"widths": heads, "seconds": [max(0.0, median[("attention", h)] - empty) for h in heads]},
             "mlp": {"widths": neurons, "seconds": [max(0.0, median[("mlp", n)] - empty) for n in neurons]},
         }

@@ -14,10 +14,11 @@ image embeddings of the classification images, text embeddings of the class prom
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,18 +46,22 @@ class _Encoder(nn.Module):
         return self.encode(inputs)
 
 
-def sample_inputs(model: ClipModel, tower: str, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
-    """A batch to trace or time: seeded random images, or a tokenized prompt repeated."""
+def sample_inputs(model: ClipModel, tower: str, batch_size: int = 2, seed: int = 0,
+                  tokenize: bool = True) -> torch.Tensor:
+    """A batch to trace or time: seeded random images, or a tokenized prompt repeated (``tokenize=False`` or
+    no tokenizer: token ids 1; the traced graph does not depend on the values)."""
     if tower == "image":
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(batch_size, 3, model.image_size, model.image_size, generator=gen)
+    if not tokenize or getattr(model, "tokenizer", None) is None:
+        return torch.ones(batch_size, model.context_length, dtype=torch.long)
     return model.tokenizer(["a photo of a thing"] * batch_size).cpu()
 
 
 @contextmanager
-def _layer_tracker(module: nn.Module) -> Iterator[list[str]]:
+def _layer_tracker(module: nn.Module) -> Iterator[Callable[[], list[str]]]:
     """Record the stack of modules running (forward entered, not left); the innermost is the failing layer."""
-    stack: list[str] = []
+    stack: list[int] = []
     names = {id(sub): (name or type(module).__name__, type(sub).__name__) for name, sub in module.named_modules()}
     handles = []
 
@@ -70,21 +75,39 @@ def _layer_tracker(module: nn.Module) -> Iterator[list[str]]:
     for sub in module.modules():
         handles.append(sub.register_forward_pre_hook(enter))
         handles.append(sub.register_forward_hook(leave))
-    described: list[str] = []
     try:
-        yield described
+        yield lambda: [f"{names[i][0]} ({names[i][1]})" for i in stack]
     finally:
-        described.extend(f"{names[i][0]} ({names[i][1]})" for i in stack)
         for handle in handles:
             handle.remove()
+
+
+def _layer_of_operator(encoder: nn.Module, inputs: torch.Tensor, message: str) -> str:
+    """The module that runs the operator an exporter message names (``operator 'aten::...'``), from the
+    scopes of a TorchScript trace; a generic phrase when neither can be found."""
+    match = re.search(r"operator '([\w:.]+)'", message)
+    if match is None:
+        return "(none recorded: the failure is in the graph conversion)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(encoder, (inputs,), check_trace=False).inlined_graph
+    except Exception:  # the exporter's own message is still reported
+        return f"(running {match[1]})"
+    types = {name: type(sub).__name__ for name, sub in encoder.named_modules()}
+    for node in graph.nodes():
+        if node.kind() == match[1]:
+            scope = node.scopeName().split("/")[-1].removeprefix("__module.")
+            return f"{scope} ({types.get(scope, '?')})" if scope else f"(running {match[1]})"
+    return f"(running {match[1]})"
 
 
 def export_tower(model: ClipModel, tower: str, path: Path, opset: int) -> None:
     """Write one tower's encoder as an ONNX graph with a dynamic batch axis."""
     encoder = _Encoder(model, tower).eval()
-    inputs = sample_inputs(model, tower)
+    inputs = sample_inputs(model, tower, tokenize=False)
     axes = {INPUT_NAMES[tower]: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    with _layer_tracker(encoder) as failing, warnings.catch_warnings():
+    with _layer_tracker(encoder) as running, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # text pooling gathers at argmax positions, never negative: the exporter's caveat does not apply
@@ -94,12 +117,11 @@ def export_tower(model: ClipModel, tower: str, path: Path, opset: int) -> None:
                               input_names=[INPUT_NAMES[tower]], output_names=[OUTPUT_NAME], dynamic_axes=axes,
                               do_constant_folding=True)
         except Exception as err:  # any exporter failure becomes one line naming the layer
-            layer = failing[-1] if failing else "the model outside any layer"
+            failing = running()  # the forward itself failed inside these layers
+            layer = failing[-1] if failing else _layer_of_operator(encoder, inputs, str(err))
             detail = " ".join(str(err).split())[:200]
             raise ClipPruneError(f"{model.name}: the {tower} encoder cannot be exported to ONNX opset {opset}: "
                                  f"layer {layer}: {type(err).__name__}: {detail}") from None
-    if failing:  # not expected after a successful export
-        raise ClipPruneError(f"{model.name}: ONNX export left layers unfinished: {failing}")
 
 
 def export_onnx(model: ClipModel, out_dir: str | os.PathLike, opset: int) -> dict[str, Path]:
@@ -133,8 +155,8 @@ class OnnxEncoder:
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-def onnx_encoders(directory: str | os.PathLike) -> dict[str, OnnxEncoder]:
-    return {tower: OnnxEncoder(Path(directory) / name, tower) for tower, name in TOWER_FILES.items()}
+def onnx_encoders(directory: str | os.PathLike, towers: Iterable[str] = TOWER_FILES) -> dict[str, OnnxEncoder]:
+    return {tower: OnnxEncoder(Path(directory) / TOWER_FILES[tower], tower) for tower in towers}
 
 
 def file_sizes_mb(directory: str | os.PathLike) -> dict[str, float]:
@@ -198,7 +220,7 @@ def onnx_latency_ratio(pruned_dir: str | os.PathLike, dense_dir: str | os.PathLi
     """ONNX Runtime latency pruned / dense per tower, interleaved in one run (``evaluate.latency.latency_ratio``)."""
     from ..evaluate.latency import latency_ratio
 
-    pruned, dense = onnx_encoders(pruned_dir), onnx_encoders(dense_dir)
+    pruned, dense = onnx_encoders(pruned_dir, inputs), onnx_encoders(dense_dir, inputs)
     out = {}
     for tower, batch in inputs.items():
         timed = latency_ratio(lambda: pruned[tower](batch), lambda: dense[tower](batch), warmup, repeats)

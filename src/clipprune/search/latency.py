@@ -50,6 +50,9 @@ class PiecewiseLinear:
     def as_dict(self) -> dict:
         return {"threshold": self.threshold, "c": self.c, "slope": self.slope}
 
+    def scaled(self, factor: float) -> "PiecewiseLinear":
+        return PiecewiseLinear(self.threshold, self.c * factor, self.slope * factor)
+
 
 def fit_piecewise(widths: Sequence[int], seconds: Sequence[float]) -> PiecewiseLinear:
     """Least-squares piecewise-linear fit of measured ``seconds`` at kept counts ``widths`` (all >= 1).
@@ -103,11 +106,18 @@ def tower_latencies(table: Mapping) -> dict[str, TowerLatency]:
     """Fit the curves of a latency table (``deploy.latency_table`` format) into :class:`TowerLatency` per tower."""
     out = {}
     for tower, entry in table["towers"].items():
-        out[tower] = TowerLatency(
-            layers=int(entry["layers"]), num_heads=int(entry["num_heads"]), ffn_dim=int(entry["ffn_dim"]),
-            dense_seconds=float(entry["dense_seconds"]),
-            attention=fit_piecewise(entry["attention"]["widths"], entry["attention"]["seconds"]),
-            mlp=fit_piecewise(entry["mlp"]["widths"], entry["mlp"]["seconds"]))
+        layers, heads, ffn = int(entry["layers"]), int(entry["num_heads"]), int(entry["ffn_dim"])
+        dense = float(entry["dense_seconds"])
+        attention = fit_piecewise(entry["attention"]["widths"], entry["attention"]["seconds"])
+        mlp = fit_piecewise(entry["mlp"]["widths"], entry["mlp"]["seconds"])
+        blocks = layers * (attention(heads) + mlp(ffn))
+        skeleton = entry.get("skeleton_seconds")
+        if skeleton is not None and blocks > 0 and dense > skeleton:
+            # blocks run slower inside the tower than alone: scale the curves so that blocks + skeleton = dense
+            factor = (dense - float(skeleton)) / blocks
+            attention, mlp = attention.scaled(factor), mlp.scaled(factor)
+        out[tower] = TowerLatency(layers=layers, num_heads=heads, ffn_dim=ffn, dense_seconds=dense,
+                                  attention=attention, mlp=mlp)
     return out
 
 
