@@ -7,8 +7,10 @@ block of the real model (its first), pruned by the project's own ``prune_heads``
 width with the *other* sub-block dropped, minus the block with both dropped (norms and residual adds, counted
 in the tower's overhead), called as the encoder calls it on a batch of ``batch_size`` inputs. Heads are
 measured at every count, neurons at ``points`` evenly spaced widths. All points (and the dense tower) are
-timed round-robin, ``repeats`` rounds after ``warmup`` rounds, and the median of each is kept, so load
-drifting during the measurement affects every point alike.
+timed round-robin, ``repeats`` rounds after ``warmup`` rounds, so load drifting during the measurement
+affects every point alike, and the fastest run of each is kept (as ``timeit`` does: other processes only
+ever add time, and the table needs each width's cost, not the machine's noise; differences of two noisy
+medians were seen to swamp the cost of a head on a loaded 2-core machine).
 
 The tower is also timed with every sub-block dropped (its "skeleton": embeddings, norms, residual adds,
 pooling, projection). A block timed alone runs faster than inside its tower (caches, memory traffic), so
@@ -24,7 +26,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -104,8 +105,13 @@ def _timed(fn: Callable[[], object]) -> float:
 
 @torch.inference_mode()
 def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, warmup: int = 1, repeats: int = 5,
-                  points: int = 16, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
-    """Measure the latency table of ``towers`` (module docstring); JSON-ready."""
+                  points: int = 16, seed: int = 0, inputs: dict[str, torch.Tensor] | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Measure the latency table of ``towers`` (module docstring); JSON-ready.
+
+    ``inputs``: a batch per tower (``{"vision": images, "text": token ids}``); by default the random images
+    and tokenized prompt that evaluate times.
+    """
     model = model.eval()
     table = {"format": FORMAT, "version": VERSION, "model": model.name, "device": device_name(),
              "batch_size": batch_size, "torch_threads": torch.get_num_threads(), "warmup": warmup,
@@ -117,16 +123,16 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
                                                                   first.hidden) for v in views):
             raise MaskError(f"{model.name}: a latency table needs the {tower} tower's blocks to share one shape "
                             f"(a dense model)")
-        inputs = _tower_inputs(model, tower, batch_size, seed)
-        hidden, call = capture_block_input(model, tower, inputs)
+        batch = inputs[tower] if inputs is not None else _tower_inputs(model, tower, batch_size, seed)
+        hidden, call = capture_block_input(model, tower, batch)
         encode = model.encode_image if tower == "vision" else model.encode_text
         work = model.copy()
         heads = list(range(1, first.num_heads + 1))
         neurons = neuron_widths(first.ffn_dim, points)
         skeleton = _skeleton(model, tower)
         encode_skeleton = skeleton.encode_image if tower == "vision" else skeleton.encode_text
-        runs: dict[tuple, Callable] = {("tower", 0): lambda: encode(inputs),
-                                       ("skeleton", 0): lambda: encode_skeleton(inputs)}
+        runs: dict[tuple, Callable] = {("tower", 0): lambda: encode(batch),
+                                       ("skeleton", 0): lambda: encode_skeleton(batch)}
         for kind, widths in (("attention", heads), ("mlp", neurons), ("empty", [0])):
             for width in widths:
                 block = _block_variant(work, model, tower, width if kind == "attention" else 0,
@@ -140,18 +146,18 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
                 seconds = _timed(runs[key])
                 if round_index >= warmup:
                     times[key].append(seconds)
-        median = {key: statistics.median(values) for key, values in times.items()}
-        empty = median[("empty", 0)]
+        fastest = {key: min(values) for key, values in times.items()}
+        empty = fastest[("empty", 0)]
         table["towers"][tower] = {
             "layers": len(views), "num_heads": first.num_heads, "ffn_dim": first.ffn_dim,
             "head_dim": first.head_dim, "hidden": first.hidden, "tokens": first.tokens,
-            "dense_seconds": median[("tower", 0)], "skeleton_seconds": median[("skeleton", 0)],
+            "dense_seconds": fastest[("tower", 0)], "skeleton_seconds": fastest[("skeleton", 0)],
             "empty_block_seconds": empty,
-            "attention": {"widths": heads, "seconds": [max(0.0, median[("attention", h)] - empty) for h in heads]},
-            "mlp": {"widths": neurons, "seconds": [max(0.0, median[("mlp", n)] - empty) for n in neurons]},
+            "attention": {"widths": heads, "seconds": [max(0.0, fastest[("attention", h)] - empty) for h in heads]},
+            "mlp": {"widths": neurons, "seconds": [max(0.0, fastest[("mlp", n)] - empty) for n in neurons]},
         }
         if log is not None:
-            log(f"{tower}: dense tower {1000 * median[('tower', 0)]:.2f} ms, attention "
+            log(f"{tower}: dense tower {1000 * fastest[('tower', 0)]:.2f} ms, attention "
                 f"{1000 * table['towers'][tower]['attention']['seconds'][-1]:.3f} ms and MLP "
                 f"{1000 * table['towers'][tower]['mlp']['seconds'][-1]:.3f} ms per block at full width")
     return table
