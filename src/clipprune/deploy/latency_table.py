@@ -8,9 +8,9 @@ width with the *other* sub-block dropped, minus the block with both dropped (nor
 in the tower's overhead), called as the encoder calls it on a batch of ``batch_size`` inputs. Heads are
 measured at every count, neurons at ``points`` evenly spaced widths. All points (and the dense tower) are
 timed round-robin, ``repeats`` rounds after ``warmup`` rounds, so load drifting during the measurement
-affects every point alike, and the fastest run of each is kept (as ``timeit`` does: other processes only
-ever add time, and the table needs each width's cost, not the machine's noise; differences of two noisy
-medians were seen to swamp the cost of a head on a loaded 2-core machine).
+affects every point alike, and the median of each is kept (the statistic evaluate's latency uses; the
+fastest run was tried and is biased on a loaded machine: a short block call escapes other processes more
+often than a whole-tower call does, so the blocks looked half as expensive as the tower).
 
 The tower is also timed with every sub-block dropped (its "skeleton": embeddings, norms, residual adds,
 pooling, projection). A block timed alone runs faster than inside its tower (caches, memory traffic), so
@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -146,18 +147,18 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
                 seconds = _timed(runs[key])
                 if round_index >= warmup:
                     times[key].append(seconds)
-        fastest = {key: min(values) for key, values in times.items()}
-        empty = fastest[("empty", 0)]
+        median = {key: statistics.median(values) for key, values in times.items()}
+        empty = median[("empty", 0)]
         table["towers"][tower] = {
             "layers": len(views), "num_heads": first.num_heads, "ffn_dim": first.ffn_dim,
             "head_dim": first.head_dim, "hidden": first.hidden, "tokens": first.tokens,
-            "dense_seconds": fastest[("tower", 0)], "skeleton_seconds": fastest[("skeleton", 0)],
+            "dense_seconds": median[("tower", 0)], "skeleton_seconds": median[("skeleton", 0)],
             "empty_block_seconds": empty,
-            "attention": {"widths": heads, "seconds": [max(0.0, fastest[("attention", h)] - empty) for h in heads]},
-            "mlp": {"widths": neurons, "seconds": [max(0.0, fastest[("mlp", n)] - empty) for n in neurons]},
+            "attention": {"widths": heads, "seconds": [max(0.0, median[("attention", h)] - empty) for h in heads]},
+            "mlp": {"widths": neurons, "seconds": [max(0.0, median[("mlp", n)] - empty) for n in neurons]},
         }
         if log is not None:
-            log(f"{tower}: dense tower {1000 * fastest[('tower', 0)]:.2f} ms, attention "
+            log(f"{tower}: dense tower {1000 * median[('tower', 0)]:.2f} ms, attention "
                 f"{1000 * table['towers'][tower]['attention']['seconds'][-1]:.3f} ms and MLP "
                 f"{1000 * table['towers'][tower]['mlp']['seconds'][-1]:.3f} ms per block at full width")
     return table
