@@ -54,9 +54,13 @@ def build_model(arch: str):
 
 
 def random_scores(views) -> dict[str, torch.Tensor]:
+    """Seeded random importances, a head's scaled by its MAC cost in neurons (~132 for ViT-B/32) so that the
+    searches keep a mix of heads and neurons (unscaled, a head is worth one neuron and all heads go)."""
     gen = torch.Generator().manual_seed(SEED)
-    return {"vision.head": torch.rand(len(views), views[0].num_heads, generator=gen, dtype=torch.float64).float(),
-            "vision.neuron": torch.rand(len(views), views[0].ffn_dim, generator=gen, dtype=torch.float64).float()}
+    head_cost, neuron_cost = flops.unit_costs(views[0], "mac")
+    heads = torch.rand(len(views), views[0].num_heads, generator=gen, dtype=torch.float64) * head_cost / neuron_cost
+    neurons = torch.rand(len(views), views[0].ffn_dim, generator=gen, dtype=torch.float64)
+    return {"vision.head": heads.float(), "vision.neuron": neurons.float()}
 
 
 def widths(masks) -> str:
