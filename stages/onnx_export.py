@@ -63,7 +63,7 @@ def main(params: dict) -> None:
             sizes, dense_sizes = file_sizes_mb(exported), file_sizes_mb(dense_dir)
             for tower in ("image", "text"):
                 report[tower].update(file_mb=sizes[tower], dense_file_mb=dense_sizes[tower],
-                                     latency_ratio=timed[tower]["ratio"],
+                                     latency_ratio=timed[tower]["ratio"], same_graph=timed[tower]["same_graph"],
                                      latency_ms={"pruned": timed[tower]["pruned_ms"], "dense": timed[tower]["dense_ms"]})
             report.update(opset=p.onnx.opset, atol=p.onnx.atol, rtol=p.onnx.rtol, provider="CPUExecutionProvider",
                           latency_batch=latency.batch_size, wall_time_s=time.perf_counter() - start)

@@ -66,3 +66,18 @@ def test_a_layer_that_cannot_be_exported_is_named_in_one_line(tmp_path):
     assert "image encoder cannot be exported to ONNX opset 17" in message
     assert "resblocks.1.mlp (_Unexportable)" in message
     assert not (tmp_path / "onnx").exists()  # no partial output
+
+
+def test_onnx_latency_ratio_times_an_unpruned_tower_once(tmp_path):
+    from clipprune.deploy.onnx_export import onnx_latency_ratio, sample_inputs as onnx_inputs
+
+    model = tiny_model("open_clip")
+    masks = random_masks(model, seed=2, real_valued=False)
+    masks = {key: value for key, value in masks.items() if key.startswith("vision.")}  # text tower untouched
+    export_onnx(model, tmp_path / "dense", opset=17)
+    export_onnx(prune_model(model, masks), tmp_path / "pruned", opset=17)
+    images, tokens = sample_inputs(model, batch=2)
+    timed = onnx_latency_ratio(tmp_path / "pruned", tmp_path / "dense", {"image": images, "text": tokens}, 0, 2)
+    assert timed["text"]["same_graph"] and timed["text"]["ratio"] == 1.0
+    assert not timed["image"]["same_graph"] and timed["image"]["ratio"] > 0
+    assert onnx_inputs(model, "text", 3, tokenize=False).shape == (3, model.context_length)

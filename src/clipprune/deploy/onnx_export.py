@@ -217,15 +217,23 @@ def check_onnx(model: ClipModel, directory: str | os.PathLike, batches: Iterable
 
 def onnx_latency_ratio(pruned_dir: str | os.PathLike, dense_dir: str | os.PathLike, inputs: dict[str, torch.Tensor],
                        warmup: int, repeats: int) -> dict:
-    """ONNX Runtime latency pruned / dense per tower, interleaved in one run (``evaluate.latency.latency_ratio``)."""
-    from ..evaluate.latency import latency_ratio
+    """ONNX Runtime latency pruned / dense per tower, interleaved in one run (``evaluate.latency.latency_ratio``).
+
+    A tower whose two graph files are byte-identical (a tower left unpruned) is timed once, ratio 1.
+    """
+    from ..evaluate.latency import latency_ratio, measure_latency
 
     pruned, dense = onnx_encoders(pruned_dir, inputs), onnx_encoders(dense_dir, inputs)
     out = {}
     for tower, batch in inputs.items():
+        name = TOWER_FILES[tower]
+        if (Path(pruned_dir) / name).read_bytes() == (Path(dense_dir) / name).read_bytes():
+            seconds = measure_latency(lambda: dense[tower](batch), warmup, repeats)
+            out[tower] = {"ratio": 1.0, "pruned_ms": 1000 * seconds, "dense_ms": 1000 * seconds, "same_graph": True}
+            continue
         timed = latency_ratio(lambda: pruned[tower](batch), lambda: dense[tower](batch), warmup, repeats)
         out[tower] = {"ratio": timed["ratio"], "pruned_ms": 1000 * timed["a_seconds"],
-                      "dense_ms": 1000 * timed["b_seconds"]}
+                      "dense_ms": 1000 * timed["b_seconds"], "same_graph": False}
     return out
 
 
