@@ -31,7 +31,7 @@ SCORES, CALIBRATION, LATENCY, OUT, TRACE, TIMING = stage_paths(
 
 
 def main(params: dict) -> None:
-    p = parse_params(params, need=("seed", "model", "data", "search", "evaluate"),
+    p = parse_params(params, need=("seed", "model", "data", "search"),
                      choices={"search.method": available_searches()})
     method, metric, constraint, options = p.search.method, p.search.metric, p.search.constraint, p.search.options
     search = get_search(method)
@@ -54,7 +54,9 @@ def main(params: dict) -> None:
     views = {tower: views[tower] for tower in searched}
     models = None
     if metric == "latency":
-        models = tower_latencies(read_table(LATENCY, p.model, device_name(), p.evaluate.latency.batch_size))
+        # the table stage measured at evaluate.latency.batch_size (its param, not this stage's: evaluate settings
+        # must not rerun the pruning when the table, and so this stage's dep, is unchanged)
+        models = tower_latencies(read_table(LATENCY, p.model, device_name()))
         latency_report = {}
         masks = latency_search(scores.scores, views, constraint, models, options.get("normalize", "none"),
                                report=latency_report)

@@ -33,6 +33,9 @@ def test_a_measured_table_fits_and_reads_back(family, tmp_path):
     name = table_name(model.name, table["device"], 2)
     (tmp_path / name).write_text(json.dumps(table))
     assert read_table(tmp_path, model.name, table["device"], 2) == table
+    assert read_table(tmp_path, model.name, table["device"]) == table  # the one table of this model and device
+    with pytest.raises(ClipPruneError, match=r"no single latency table for model .* device 'elsewhere'"):
+        read_table(tmp_path, model.name, "elsewhere")
     assert set(tower_latencies(table)) == {"vision", "text"}
-    with pytest.raises(ClipPruneError, match=r"no latency table for model .* batch size 4 \(present: "):
+    with pytest.raises(ClipPruneError, match=r"no single latency table for model .* batch size 4 \(present: "):
         read_table(tmp_path, model.name, table["device"], 4)

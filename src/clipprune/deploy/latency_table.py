@@ -164,21 +164,29 @@ def measure_table(model: ClipModel, towers: Sequence[str], batch_size: int, *, w
     return table
 
 
-def read_table(directory: str | os.PathLike, model: str, device: str, batch_size: int) -> dict:
-    """The table for ``model`` / ``device`` / ``batch_size`` in ``directory``; one-line error if it is not there."""
-    path = Path(directory) / table_name(model, device, batch_size)
+def read_table(directory: str | os.PathLike, model: str, device: str, batch_size: int | None = None) -> dict:
+    """The table for ``model`` / ``device`` (/ ``batch_size``; None: the one table of that model and device the
+    directory holds) in ``directory``; one-line error if it is not there."""
+    directory = Path(directory)
+    if batch_size is None:
+        found = sorted(directory.glob(table_name(model, device, 0).replace("__b0.json", "__b*.json")))
+        path = found[0] if len(found) == 1 else directory / table_name(model, device, 0).replace("__b0", "__b<batch>")
+    else:
+        path = directory / table_name(model, device, batch_size)
     if not path.is_file():
-        present = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).is_dir() else []
-        raise ClipPruneError(f"{path}: no latency table for model {model!r}, device {device!r}, batch size "
-                             f"{batch_size} (present: {', '.join(present) or 'none'}); rerun the latency_table "
-                             f"stage on this machine (dvc repro -f latency_table)")
+        present = sorted(p.name for p in directory.glob("*.json")) if directory.is_dir() else []
+        raise ClipPruneError(f"{path}: no single latency table for model {model!r}, device {device!r}"
+                             f"{'' if batch_size is None else f', batch size {batch_size}'} (present: "
+                             f"{', '.join(present) or 'none'}); rerun the latency_table stage on this machine "
+                             f"(dvc repro -f latency_table)")
     try:
         table = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ClipPruneError(f"{path}: not a latency table ({type(err).__name__})") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT or table.get("version") != VERSION:
         raise ClipPruneError(f"{path}: not a {FORMAT} version {VERSION} file")
-    for key, expected in (("model", model), ("device", device), ("batch_size", batch_size)):
-        if table.get(key) != expected:
-            raise ClipPruneError(f"{path}: {key} is {table.get(key)!r}, expected {expected!r}")
+    expected = {"model": model, "device": device, **({} if batch_size is None else {"batch_size": batch_size})}
+    for key, value in expected.items():
+        if table.get(key) != value:
+            raise ClipPruneError(f"{path}: {key} is {table.get(key)!r}, expected {value!r}")
     return table
