@@ -13,14 +13,15 @@ from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
 from clipprune.evaluate.dense import load_dense_evaluation
 from clipprune.evaluate.suite import evaluation_report, null_metric_notes, summary_metrics
+from clipprune.deploy.onnx_report import read_onnx_report
 from clipprune.io import write_json
 from clipprune.models import load_model
 
 # every path is named once, on the stage's cmd in dvc.yaml: the dense model's cached evaluation
 # (evaluate_dense), the exported model before distillation, the final model (distill; the exported one when
 # distillation is off), the scores, the masks of each step, the folder of the stages' timing files
-DENSE, PRUNED, FINAL, SCORES, SEARCHED, REARRANGED, TUNED, TIMING, OUT = stage_paths(
-    "evaluate", "dense", "pruned", "final", "scores", "searched", "rearranged", "tuned", "timing", "out",
+DENSE, PRUNED, FINAL, SCORES, SEARCHED, REARRANGED, TUNED, TIMING, ONNX, OUT = stage_paths(
+    "evaluate", "dense", "pruned", "final", "scores", "searched", "rearranged", "tuned", "timing", "onnx", "out",
     main=__name__ == "__main__")
 MASKS = {"search": SEARCHED, "rearranged": REARRANGED, "tuned": TUNED}
 TIMED_STEPS = ("score", "search", "tune", "distill")
@@ -46,6 +47,8 @@ def main(params: dict) -> None:
         pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size, seed=settings.seed, datasets=extra,
         log=lambda line: print(f"evaluate: {line}"), **latency)
     metrics["summary"] = summary_metrics(metrics, *_method_and_constraint())
+    if pruned and ONNX.is_file():  # the onnx_export stage's check of the final model in ONNX Runtime
+        metrics["onnx"] = read_onnx_report(ONNX)
     write_json(OUT, metrics)
     for note in null_metric_notes({key: metrics[key] for key in ("pruned", "steps") if key in metrics}):
         print(f"evaluate: {note}")

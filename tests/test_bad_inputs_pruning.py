@@ -184,8 +184,8 @@ def test_search_constraint_variants(call_stage, value, expected):
 
 
 @pytest.mark.parametrize("edits, expected", [
-    ({"search__metric": "flops"}, "search.metric must be one of mac, params; got 'flops'"),
-    ({"search__metric": None}, "search.metric must be one of mac, params; got None"),
+    ({"search__metric": "flops"}, "search.metric must be one of mac, params, latency; got 'flops'"),
+    ({"search__metric": None}, "search.metric must be one of mac, params, latency; got None"),
     ({"search__method": 3}, "search.method must be a non-empty string, got 3"),
     ({"search__options": [1]}, "search.options must be a mapping of option names to values, got [1]"),
     ({"search__options": {"depth": 2}}, "search.options: unknown option(s) depth for method 'mac'"),

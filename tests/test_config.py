@@ -147,7 +147,7 @@ def test_every_key_misspelled_is_refused_with_did_you_mean(key):
     ((("tune.lsq", DELETE), ("tune.lqs", True)), "tune.lqs: unknown key; did you mean `lsq`?"),
     ((("report.resolution", 300),), "report.resolution: unknown key; known: dpi"),
     ((("shiny", 1),), "shiny: unknown top-level key; known: seed, model, model_files, data, calibrate, score, "
-                      "search, tune, evaluate, report, distill, sparsity"),
+                      "search, tune, evaluate, onnx, report, distill, sparsity"),
     ((("data.archives", [{"source": "a.zip", "sha": None}]),),
      "data.archives[0].sha: unknown key; did you mean `sha256`?"),
     ((("evaluate.datasets", [{"name": "x", "type": "coco_karpathy", "root": "data/eval/x",
@@ -229,7 +229,7 @@ def test_option_tables_match_the_registries():
     ("search.constraint", float("nan"), "search.constraint must be in (0, 1], got nan"),
     ("search.constraint", "half", "search.constraint must be a number in (0, 1], got 'half' (str)"),
     ("search.constraint", True, "search.constraint must be a number in (0, 1], got True (bool)"),
-    ("search.metric", "flops", "search.metric must be one of mac, params; got 'flops'"),
+    ("search.metric", "flops", "search.metric must be one of mac, params, latency; got 'flops'"),
     ("search.loss_inc_thresh", -0.1, "search.loss_inc_thresh must be >= 0, got -0.1"),
     ("search.loss_inc_thresh", float("nan"), "search.loss_inc_thresh must be a finite number, got nan"),
     ("search.holdout_samples", 1, "search.holdout_samples must be >= 2, got 1"),

@@ -54,6 +54,13 @@ def test_repro_prunes_to_the_budget_and_exports_a_smaller_model(reproduced):
     # distillation (on by default) must not lose what the tuned masks kept
     assert pruned["zeroshot"]["acc1"] >= before["zeroshot"]["acc1"]
     assert metrics["summary"]["top1_before_distill"] == pytest.approx(100 * before["zeroshot"]["acc1"])
+    # the final model as ONNX, checked in ONNX Runtime (stage onnx_export; evaluate copies its report)
+    onnx = metrics["onnx"]
+    assert onnx["image"]["allclose"] and onnx["text"]["allclose"] and onnx["zeroshot"]["top1_equal"]
+    assert onnx["zeroshot"]["top1_torch"] == pytest.approx(pruned["zeroshot"]["acc1"], abs=0.003)
+    assert {p.name for p in (reproduced / "artifacts/onnx").iterdir()} == {"image.onnx", "text.onnx"}
+    # search.metric mac: no latency table measured
+    assert [p.name for p in (reproduced / "artifacts/latency").iterdir()] == ["skipped.json"]
 
 
 def test_evaluate_reuses_the_dense_text_embeddings(reproduced):

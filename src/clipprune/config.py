@@ -37,7 +37,12 @@ from .errors import ParamError
 # ------------------------------------------------------------------------------------------ choices and bounds
 TOWER_CHOICES = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
 GRANULARITIES = ("batch", "sample")
-METRICS = ("mac", "params")
+METRICS = ("mac", "params")  # what flops.py counts
+SEARCH_METRICS = METRICS + ("latency",)  # search.metric: latency budgets a measured lookup table (search/latency.py)
+LATENCY_METHODS = ("mac",)  # the searches that can budget latency
+LATENCY_POINTS_RANGE = (2, 4096)  # search.latency_points: MLP widths timed for the latency table
+ALIGN_MAX = 4096               # search.align: kept neurons rounded to multiples of this many
+ONNX_OPSET_RANGE = (14, 20)    # onnx.opset: what torch's TorchScript exporter writes and onnxruntime runs
 SPLITS = ("train", "val")
 SEARCH_LOSSES = ("entropy", "entropy_image_text", "contrastive")  # search.options.loss (adaptive)
 DISTILL_MODES = ("distill", "retrain")
@@ -419,11 +424,23 @@ def _check_label_free(options: dict, score: "ScoreSection") -> None:
 
 class SearchSection(_Section):
     method: _registry_type("search.method")
-    metric: _choice_type(*METRICS)
+    metric: _choice_type(*SEARCH_METRICS)
     constraint: Fraction
     loss_inc_thresh: NonNegative  # adaptive: largest accepted rise of the held-out loss per block
     holdout_samples: _typed(int, _int(2, SAMPLES_MAX))  # adaptive
+    align: _typed(int, _int(1, ALIGN_MAX)) = 1  # kept neurons per layer rounded to multiples of align
+    latency_points: _typed(int, _int(*LATENCY_POINTS_RANGE)) = 16  # metric latency: MLP widths timed
     options: Options = {}
+
+    @model_validator(mode="after")
+    def _latency_method(self):
+        if self.metric == "latency" and self.method not in LATENCY_METHODS:
+            raise ParamError(f"search.method must be one of {', '.join(LATENCY_METHODS)} with search.metric "
+                             f"latency, got {self.method!r}")
+        if self.align > 1 and self.method == "adaptive":
+            raise ParamError(f"search.align must be 1 with search.method adaptive (its widths follow "
+                             f"search.loss_inc_thresh, there is no budget to round within), got {self.align}")
+        return self
 
     @model_validator(mode="after")
     def _options(self):
@@ -569,6 +586,14 @@ class EvaluateSection(_Section):
     max_retrieval_images: OptionalSamples = None
     latency: LatencySection
     datasets: _typed(tuple, _eval_datasets) = ()
+
+
+class OnnxSection(_Section):
+    """The onnx_export stage: the opset written and the tolerance of the ONNX Runtime check."""
+
+    opset: _typed(int, _int(*ONNX_OPSET_RANGE))
+    atol: NonNegative
+    rtol: NonNegative
 
 
 class ReportSection(_Section):
@@ -828,6 +853,7 @@ class Params(BaseModel):
     search: SearchSection = None
     tune: TuneSection = None
     evaluate: EvaluateSection = None
+    onnx: OnnxSection = None
     report: ReportSection = ReportSection()
     distill: DistillSection = None
     sparsity: SparsitySection = None
