@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..distributed import current
 from ..data.coco import CocoCaptions, collate_image_captions
 from ..data.evalsets import EvalDataset
 from ..data.imagefolder import ImageFolderClassification, load_classnames, load_templates
@@ -248,8 +249,11 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     latency = dict(batch_size=latency_batch, warmup=latency_warmup, repeats=latency_repeats, seed=seed)
     reallocate_tensors(dense.eval())  # as evaluate_dense did, so that its masked steps can reuse the texts
     report = {"dense": dict(baseline.metrics)}
+    # data parallel: latency is timed by rank 0 alone (the others wait), the only one that writes the report
+    ctx = current()
     if final_dir is None:
-        report["dense"]["latency_ms"] = measure_model_latency(dense, **latency)
+        report["dense"]["latency_ms"] = measure_model_latency(dense, **latency) if ctx.is_main else None
+        ctx.barrier()
         return report
 
     def text_for(model: ClipModel, label: str) -> TextEncoder:
@@ -271,7 +275,9 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     same_text = final_text.fingerprint is not None and final_text.fingerprint == text_tower_fingerprint(dense)
     if same_text:
         log("final model: text tower unchanged: its text latency is the dense one's (ratio 1), timed once")
-    timed = compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
+    timed = (compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
+             if ctx.is_main else {"ratio": None, "pruned_ms": None, "dense_ms": None})
+    ctx.barrier()
     pruned["latency_ratio"] = timed["ratio"]
     pruned["latency_ms"] = timed["pruned_ms"]
     report["dense"]["latency_ms"] = timed["dense_ms"]
