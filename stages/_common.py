@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -155,7 +156,11 @@ def quiet_hf_progress() -> Callable[[], None]:
     return restore
 
 
-def relaunch(name: str, nproc: int, paths: Mapping[str, object]) -> bool:
+# the elastic agent's log line when a worker failed; what torchrun prints after it is its own report
+_TORCHRUN_FAILED = re.compile(r"^E\d{4} .*torch/distributed/elastic/.*failed")
+
+
+def relaunch(name: str, nproc: int, paths: Mapping[str, object], script: str | os.PathLike | None = None) -> bool:
     """Run stage ``name`` data parallel: ``stages/<name>.py --key PATH ...`` under torchrun with ``nproc`` processes.
 
     Returns False (the caller runs its body itself) for ``nproc == 1`` and inside a torchrun worker; otherwise
@@ -164,18 +169,23 @@ def relaunch(name: str, nproc: int, paths: Mapping[str, object]) -> bool:
     workers inherit the environment (params.yaml is read from the same working directory) with the CPU threads
     split between them. ``paths``: the stage's options, as its ``stage_paths`` read them (keys are option names,
     which must not be prefixes of torchrun's own options: ``--logs`` would be read as ``--logs-specs``).
+    ``script``: another entry point than ``stages/<name>.py`` (one that calls ``run_stage(name, ...)`` too).
     """
     from clipprune.distributed import torchrun_command, torchrun_env, under_torchrun
 
     if nproc == 1 or under_torchrun():
         return False
     args = [arg for key, value in paths.items() for arg in (f"--{key}", str(value))]
-    script = str(Path(__file__).resolve().parent / f"{name}.py")
+    script = str(script or Path(__file__).resolve().parent / f"{name}.py")
     errors: list[str] = []
-    process = subprocess.Popen(torchrun_command(script, nproc, args), env=torchrun_env(nproc),
+    report: list[str] = []  # torchrun's own account of a failure (a traceback and a table): shown only if
+    process = subprocess.Popen(torchrun_command(script, nproc, args), env=torchrun_env(nproc),  # no worker said why
                                stderr=subprocess.PIPE, text=True, errors="replace")
     try:
         for line in process.stderr:  # relayed as they come; the workers' one-line errors kept
+            if report or _TORCHRUN_FAILED.match(line):
+                report.append(line)
+                continue
             sys.stderr.write(line)
             if line.startswith(f"{name}: error: "):
                 errors.append(line[len(f"{name}: error: "):].strip())
@@ -185,6 +195,8 @@ def relaunch(name: str, nproc: int, paths: Mapping[str, object]) -> bool:
         process.wait()
         raise
     if code != 0:
+        if not errors:
+            sys.stderr.writelines(report)
         first = next((e for e in errors if not e.startswith("rank ") or "another rank failed" not in e), None)
         raise ClipPruneError(f"{name}.nproc={nproc}: {first}" if first else
                              f"{name}.nproc={nproc}: the torchrun workers failed (exit code {code}); see their "

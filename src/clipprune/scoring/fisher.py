@@ -84,13 +84,14 @@ def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor 
     else:
         masks = base
         masked = apply_masks(model, masks)
+    keys = list(masks)
+    # the backward too runs with the masks' hooks in place: score.checkpointing recomputes blocks in it
     with masked:
         image_features = model.encode_image(images)
         text_features = model.encode_text(tokens) if loss_fn.uses_text else None
-    value = loss_fn(image_features, text_features, model.logit_scale.detach(), **(loss_options or {}))
-    objective = value * batch if per_sample else value
-    keys = list(masks)
-    grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
+        value = loss_fn(image_features, text_features, model.logit_scale.detach(), **(loss_options or {}))
+        objective = value * batch if per_sample else value
+        grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
     out = {}
     for key, grad in zip(keys, grads):
         if grad is None and masks[key].numel() > 0:
