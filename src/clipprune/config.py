@@ -447,6 +447,7 @@ class TuneSection(_Section):
     damp: NonNegative
     max_scale: Positive
     batch_size: BatchSize
+    nproc: NProc = 1                # data-parallel processes under torchrun (LSQ statistics all-reduced)
 
 
 # ------------------------------------------------------------------------------------------ evaluate
