@@ -3,6 +3,7 @@ exit codes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -202,6 +203,23 @@ def relaunch(name: str, nproc: int, paths: Mapping[str, object], script: str | o
                              f"{name}.nproc={nproc}: the torchrun workers failed (exit code {code}); see their "
                              f"messages above")
     return True
+
+
+@contextlib.contextmanager
+def data_parallel_stage(device: str = "cpu", key: str = "device"):
+    """The body of a stage that ``relaunch`` may have started: joins the process group under torchrun (a
+    one-process context otherwise), makes it the library's (``clipprune.distributed.data_parallel``), and
+    after the body waits until every process is done (a barrier) before the caller writes on rank 0 alone
+    (``if ctx.is_main``). ``device``: cpu | cuda | auto, from the params key ``key``."""
+    from clipprune.distributed import data_parallel, init_distributed
+
+    ctx = init_distributed(device, key)
+    try:
+        with data_parallel(ctx):
+            yield ctx
+        ctx.barrier()
+    finally:
+        ctx.close()
 
 
 def _rank_prefix() -> str:

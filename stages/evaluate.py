@@ -8,11 +8,10 @@ over the processes and gathered in order; rank 0 times the latency and writes th
 """
 import torch
 
-from _common import relaunch, run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from _evaluation import dense_settings_from_params, read_wall_times
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
-from clipprune.distributed import data_parallel, init_distributed
 from clipprune.evaluate.dense import load_dense_evaluation
 from clipprune.evaluate.suite import evaluation_report, null_metric_notes, summary_metrics
 from clipprune.io import write_json
@@ -44,23 +43,17 @@ def main(params: dict) -> None:
     if relaunch("evaluate", p.evaluate.nproc, paths):
         print(f"evaluate: {p.evaluate.nproc} processes finished; metrics in {OUT}")
         return
-    ctx = init_distributed("cpu")
-    try:
-        torch.manual_seed(settings.seed)
-        dense = load_model(settings.model)
-        pruned = FINAL.exists()
-        with data_parallel(ctx):
-            metrics = evaluation_report(
-                dense, baseline, settings.data, final_dir=FINAL if pruned else None,
-                before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
-                pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size,
-                seed=settings.seed, datasets=extra, log=lambda line: print(f"evaluate: {line}") if ctx.is_main else None,
-                **latency)
-        ctx.barrier()
-        if not ctx.is_main:
-            return
-    finally:
-        ctx.close()
+    torch.manual_seed(settings.seed)
+    dense = load_model(settings.model)
+    pruned = FINAL.exists()
+    with data_parallel_stage() as ctx:
+        metrics = evaluation_report(
+            dense, baseline, settings.data, final_dir=FINAL if pruned else None,
+            before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
+            pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size, seed=settings.seed,
+            datasets=extra, log=lambda line: print(f"evaluate: {line}") if ctx.is_main else None, **latency)
+    if not ctx.is_main:
+        return
     metrics["summary"] = summary_metrics(metrics, *_method_and_constraint())
     write_json(OUT, metrics)
     for note in null_metric_notes({key: metrics[key] for key in ("pruned", "steps") if key in metrics}):

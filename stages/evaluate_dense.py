@@ -9,11 +9,10 @@ not on anything the pruning writes, so a sweep over constraints or criteria eval
 
 import torch
 
-from _common import relaunch, run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from _evaluation import dense_settings_from_params
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
-from clipprune.distributed import data_parallel, init_distributed
 from clipprune.evaluate.dense import save_dense_evaluation
 from clipprune.evaluate.suite import evaluate_dense, null_metric_notes
 from clipprune.models import load_model
@@ -30,18 +29,13 @@ def main(params: dict) -> None:
     if relaunch("evaluate_dense", p.evaluate.nproc, {"out": OUT}):
         print(f"evaluate_dense: {p.evaluate.nproc} processes finished; wrote {OUT}")
         return
-    ctx = init_distributed("cpu")
-    try:
-        torch.manual_seed(settings.seed)
-        model = load_model(settings.model)
-        with data_parallel(ctx):
-            evaluation = evaluate_dense(model, settings.data, inputs=settings.inputs(),
-                                        batch_size=settings.batch_size, datasets=extra)
-        ctx.barrier()
-        if not ctx.is_main:
-            return
-    finally:
-        ctx.close()
+    torch.manual_seed(settings.seed)
+    model = load_model(settings.model)
+    with data_parallel_stage() as ctx:
+        evaluation = evaluate_dense(model, settings.data, inputs=settings.inputs(), batch_size=settings.batch_size,
+                                    datasets=extra)
+    if not ctx.is_main:
+        return
     save_dense_evaluation(OUT, evaluation)
     acc = evaluation.metrics.get("zeroshot", {}).get("acc1")
     retrieval = evaluation.metrics["retrieval"]

@@ -4,9 +4,8 @@
 nproc-th calibration batch, all of them receive every batch's, and rank 0 alone writes the outputs.
 """
 
-from _common import relaunch, run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from clipprune.config import parse_params
-from clipprune.distributed import data_parallel, init_distributed
 from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
 from clipprune.scoring import available_criteria, available_losses, calibration_loader, get_criterion, save_scores, \
@@ -24,15 +23,10 @@ def main(params: dict) -> None:
     if relaunch("score", score.nproc, {"calibration": CALIBRATION, "out": OUT, "timing": TIMING}):
         print(f"score: {score.nproc} processes finished; wrote {OUT}")
         return
-    ctx = init_distributed(score.device, "score.device")
-    try:
-        with data_parallel(ctx):
-            result = _score(p, ctx.device)
-        ctx.barrier()  # every process finished its batches before anything is written
-        if ctx.is_main:
-            _write(result, model_name, batch_size)
-    finally:
-        ctx.close()
+    with data_parallel_stage(score.device, "score.device") as ctx:
+        result = _score(p, ctx.device)
+    if ctx.is_main:
+        _write(result, model_name, batch_size)
 
 
 def _score(p, device):

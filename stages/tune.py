@@ -7,9 +7,8 @@ import os
 import sys
 import time
 
-from _common import relaunch, run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from clipprune.config import parse_params
-from clipprune.distributed import data_parallel, init_distributed
 from clipprune.errors import MaskError
 from clipprune.io import commit_together, write_json
 from clipprune.models import load_model
@@ -60,14 +59,9 @@ def main(params: dict) -> None:
     if lsq:
         loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"),
                                     CALIBRATION, model.preprocess, batch_size)
-        ctx = init_distributed("cpu")
-        try:
-            with data_parallel(ctx):
-                masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
-                                                  batch_size=batch_size, progress=True)
-            ctx.barrier()
-        finally:
-            ctx.close()
+        with data_parallel_stage():
+            masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
+                                              batch_size=batch_size, progress=True)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0 writes nothing
         return
     wall = time.perf_counter() - start
