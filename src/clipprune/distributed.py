@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -145,6 +144,8 @@ class DistContext:
             headers[row, 0] = t.dim()
             headers[row, 1:1 + t.dim()] = torch.tensor(t.shape)
         counts = [int(c[0]) for c in self._all_gather_fixed(torch.tensor([len(local)], dtype=torch.int64))]
+        if not any(counts):
+            return []
         all_headers = self._all_gather_padded(headers.reshape(-1), max(counts) * (_MAX_DIMS + 1))
         # one dtype for all: a rank without batches has none to say; take it from one that has
         dtype_codes = self._all_gather_fixed(torch.tensor([_DTYPE_CODES.index(local[0].dtype) if local else -1]))
@@ -298,8 +299,3 @@ def torchrun_env(nproc: int) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
-
-
-def launch(script: str, nproc: int, args: Sequence[str] = ()) -> int:
-    """Run ``script`` under torchrun with ``nproc`` processes; its exit code."""
-    return subprocess.run(torchrun_command(script, nproc, args), env=torchrun_env(nproc)).returncode
