@@ -72,7 +72,8 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, {stages!r})
     import torch
     from _common import relaunch, run_stage
-    from clipprune.distributed import init_distributed, shard_batches
+    from clipprune.distributed import data_parallel, init_distributed, shard_batches
+    from clipprune.tuning.lsq import LeastSquaresStats
     from clipprune.errors import ClipPruneError
 
     OUT = Path(sys.argv[sys.argv.index("--out") + 1])
@@ -92,6 +93,21 @@ WORKER = textwrap.dedent('''
             assert len(got) == 7 and all(torch.equal(g, batch(i)) for i, g in enumerate(got)), got
             assert ctx.gather_json([[f"caption {{i}}", i] for i in mine]) == [[f"caption {{i}}", i] for i in range(7)]
             assert int(ctx.all_reduce_sum(torch.tensor([ctx.rank + 1]))) == 3
+            # tune.nproc: least-squares statistics of each rank's batches, all-reduced, equal one process's
+            gen = torch.Generator().manual_seed(0)
+            columns = torch.randn(6, 4, generator=gen)
+            data = [(torch.randn(5, 4, generator=gen), torch.randn(5, 6, generator=gen)) for _ in range(5)]
+            whole, shared = LeastSquaresStats(columns, 2), LeastSquaresStats(columns, 2)
+            for features, residual in data:
+                whole.add(features, residual)
+            for i, _ in shard_batches(range(5), ctx):
+                shared.add(*data[i])
+            with data_parallel(ctx):
+                shared.reduce()
+            for got, want in zip(shared.system(), whole.system()):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            assert shared.tokens == whole.tokens == 25
+            assert abs(shared.target_sq - whole.target_sq) <= 1e-9 * whole.target_sq
             if os.environ.get("FAIL_RANK") == str(ctx.rank):
                 raise ClipPruneError("boom.data: shard unreadable")
             ctx.barrier()  # the other rank waits here for the failed one: torchrun (or the timeout) ends it
@@ -121,8 +137,9 @@ def _run_boom(tmp_path: Path, fail_rank: str | None) -> tuple[subprocess.Complet
 
 def test_a_failing_rank_stops_every_rank_with_its_one_line_error_and_writes_nothing(tmp_path):
     """One torchrun launch (they cost ~10 s): both ranks first check gather_batches / gather_json /
-    all_reduce_sum against the batches in order (a failed check would be a traceback and exit 2), then rank 1
-    fails while rank 0 waits in a barrier."""
+    all_reduce_sum against the batches in order and tune's all-reduced least-squares statistics against one
+    process's (a failed check would be a traceback and exit 2), then rank 1 fails while rank 0 waits in a
+    barrier."""
     proc, elapsed = _run_boom(tmp_path, "1")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
