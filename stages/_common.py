@@ -3,17 +3,20 @@ exit codes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from clipprune.errors import ClipPruneError
 from clipprune.model_files import check_model_files
@@ -154,6 +157,87 @@ def quiet_hf_progress() -> Callable[[], None]:
     return restore
 
 
+# the elastic agent's log line when a worker failed; what torchrun prints after it is its own report
+_TORCHRUN_FAILED = re.compile(r"^E\d{4} .*torch/distributed/elastic/.*failed")
+
+
+def relaunch(name: str, nproc: int, paths: Mapping[str, object], script: str | os.PathLike | None = None) -> bool:
+    """Run stage ``name`` data parallel: ``stages/<name>.py --key PATH ...`` under torchrun with ``nproc`` processes.
+
+    Returns False (the caller runs its body itself) for ``nproc == 1`` and inside a torchrun worker; otherwise
+    runs the workers, relays their output, and returns True once all of them succeeded. A failing worker makes
+    torchrun stop the others; this raises a ClipPruneError carrying the failing rank's one-line error. The
+    workers inherit the environment (params.yaml is read from the same working directory) with the CPU threads
+    split between them. ``paths``: the stage's options, as its ``stage_paths`` read them (keys are option names,
+    which must not be prefixes of torchrun's own options: ``--logs`` would be read as ``--logs-specs``).
+    ``script``: another entry point than ``stages/<name>.py`` (one that calls ``run_stage(name, ...)`` too).
+    """
+    from clipprune.distributed import torchrun_command, torchrun_env, under_torchrun
+
+    if nproc == 1 or under_torchrun():
+        return False
+    args = [arg for key, value in paths.items() for arg in (f"--{key}", str(value))]
+    script = str(script or Path(__file__).resolve().parent / f"{name}.py")
+    errors: list[str] = []
+    report: list[str] = []  # torchrun's own account of a failure (a traceback and a table): shown only if
+    process = subprocess.Popen(torchrun_command(script, nproc, args), env=torchrun_env(nproc),  # no worker said why
+                               stderr=subprocess.PIPE, text=True, errors="replace")
+    try:
+        for line in process.stderr:  # relayed as they come; the workers' one-line errors kept
+            if report or _TORCHRUN_FAILED.match(line):
+                report.append(line)
+                continue
+            sys.stderr.write(line)
+            if line.startswith(f"{name}: error: "):
+                errors.append(line[len(f"{name}: error: "):].strip())
+        code = process.wait()
+    except BaseException:  # interrupted: torchrun passes SIGTERM on to the workers
+        process.terminate()
+        process.wait()
+        raise
+    if code != 0:
+        if not errors:
+            sys.stderr.writelines(report)
+        first = next((e for e in errors if not e.startswith("rank ") or "another rank failed" not in e), None)
+        raise ClipPruneError(f"{name}.nproc={nproc}: {first}" if first else
+                             f"{name}.nproc={nproc}: the torchrun workers failed (exit code {code}); see their "
+                             f"messages above")
+    return True
+
+
+@contextlib.contextmanager
+def data_parallel_stage(device: str = "cpu", key: str = "device"):
+    """The body of a stage that ``relaunch`` may have started: joins the process group under torchrun (a
+    one-process context otherwise), makes it the library's (``clipprune.distributed.data_parallel``), and
+    after the body waits until every process is done (a barrier) before the caller writes on rank 0 alone
+    (``if ctx.is_main``). ``device``: cpu | cuda | auto, from the params key ``key``."""
+    from clipprune.distributed import data_parallel, init_distributed
+
+    ctx = init_distributed(device, key)
+    try:
+        with data_parallel(ctx):
+            yield ctx
+        ctx.barrier()
+    finally:
+        ctx.close()
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` in a worker of a multi-process run (its error lines say which process failed)."""
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
+        return f"rank {os.environ['RANK']}: "
+    return ""
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """A collective failed because another process of the group went away (it reports its own error)."""
+    import torch
+
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return bool(_rank_prefix()) and (isinstance(err, dist_error) or "Connection closed by peer" in str(err)
+                                     or "Connection reset by peer" in str(err))
+
+
 def run_stage(name: str, main: Callable[[dict], None], params_path: str = "params.yaml") -> None:
     """Run ``main(params)``; user errors print one line and exit 1, anything else exits 2 with a traceback.
 
@@ -175,12 +259,16 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
         check_stage_model(name, params)
         main(params)
     except ClipPruneError as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {_rank_prefix()}{err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
         print(f"{name}: interrupted; no outputs were written", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)
-    except Exception:  # a bug, not bad input: keep the traceback for the report
+    except Exception as err:  # a bug, not bad input: keep the traceback for the report
+        if _peer_failed(err):  # the failing process has printed its own error
+            print(f"{name}: error: {_rank_prefix()}stopped: another rank failed ({' '.join(str(err).split())[:200]})",
+                  file=sys.stderr)
+            sys.exit(1)
         traceback.print_exc()
         sys.exit(2)
     finally:

@@ -6,12 +6,12 @@ checkpoint of its last complete epoch (artifacts/checkpoints/distill/, outside D
 """
 import time
 
-from _common import run_stage, stage_paths
+from _common import relaunch, run_stage, stage_paths
 from clipprune.config import parse_params
-from clipprune.distill import (DistillPaths, check_resumable, distill_config, launch, passthrough, run_distill,
-                               under_torchrun, write_disabled_logs)
+from clipprune.distill import (DistillPaths, check_resumable, distill_config, passthrough, run_distill,
+                               write_disabled_logs)
+from clipprune.distributed import under_torchrun
 from clipprune.distill.live import LiveLogger
-from clipprune.errors import ClipPruneError
 from clipprune.io import commit_together, write_json
 
 # every path is named once, on the stage's cmd in dvc.yaml. The options are passed on to the torchrun workers
@@ -37,12 +37,8 @@ def main(params: dict) -> None:
         return
     if not under_torchrun():
         check_resumable(config, teacher, paths)  # a bad checkpoint fails here, in one line, before any model loads
-    if config.nproc > 1 and not under_torchrun():
-        named = {"pruned": PRUNED, "out": OUT, "dvclive": LOGS, "checkpoint": CHECKPOINT, "timing": TIMING}
-        code = launch(__file__, config.nproc, [arg for key, path in named.items() for arg in (f"--{key}", str(path))])
-        if code != 0:
-            raise ClipPruneError(f"distill.nproc={config.nproc}: the torchrun workers failed (exit code {code}); "
-                                 f"see their messages above")
+    named = {"pruned": PRUNED, "out": OUT, "dvclive": LOGS, "checkpoint": CHECKPOINT, "timing": TIMING}
+    if relaunch("distill", config.nproc, named):
         write_json(TIMING, {"wall_time_s": time.perf_counter() - start, "nproc": config.nproc})
         print(f"distill: {config.nproc} processes finished; wrote {OUT}")
         return

@@ -3,11 +3,12 @@
 The dense model's accuracy, complexity and text embeddings come from artifacts/eval/dense/ (stage
 evaluate_dense); here the final model (and, when distillation ran, the exported one before it) are
 evaluated, the per-step masks when ``evaluate.steps`` is on, and latency is measured pruned vs dense,
-interleaved.
+interleaved. `evaluate.nproc > 1` relaunches it under torchrun: images and texts are encoded by whole batches
+over the processes and gathered in order; rank 0 times the latency and writes the metrics.
 """
 import torch
 
-from _common import run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from _evaluation import dense_settings_from_params, read_wall_times
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
@@ -38,14 +39,22 @@ def main(params: dict) -> None:
     # extra sets (evaluate.datasets) are read and checked before any model runs, so bad paths fail fast
     extra = [open_eval_dataset(spec) for spec in settings.datasets]
     baseline = load_dense_evaluation(DENSE, settings.inputs())
+    paths = {"dense": DENSE, "pruned": PRUNED, "final": FINAL, "scores": SCORES, "searched": SEARCHED,
+             "rearranged": REARRANGED, "tuned": TUNED, "timing": TIMING, "out": OUT}
+    if relaunch("evaluate", p.evaluate.nproc, paths):
+        print(f"evaluate: {p.evaluate.nproc} processes finished; metrics in {OUT}")
+        return
     torch.manual_seed(settings.seed)
     dense = load_model(settings.model)
     pruned = FINAL.exists()
-    metrics = evaluation_report(
-        dense, baseline, settings.data, final_dir=FINAL if pruned else None,
-        before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
-        pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size, seed=settings.seed, datasets=extra,
-        log=lambda line: print(f"evaluate: {line}"), **latency)
+    with data_parallel_stage() as ctx:
+        metrics = evaluation_report(
+            dense, baseline, settings.data, final_dir=FINAL if pruned else None,
+            before_distill_dir=PRUNED if pruned and distilled else None, mask_files=MASKS, steps=steps,
+            pruning_times=read_wall_times(TIMING, TIMED_STEPS), batch_size=settings.batch_size, seed=settings.seed,
+            datasets=extra, log=lambda line: print(f"evaluate: {line}") if ctx.is_main else None, **latency)
+    if not ctx.is_main:
+        return
     metrics["summary"] = summary_metrics(metrics, *_method_and_constraint())
     if pruned and ONNX.is_file():  # the onnx_export stage's check of the final model in ONNX Runtime
         metrics["onnx"] = read_onnx_report(ONNX)

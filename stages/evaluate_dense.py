@@ -4,11 +4,12 @@ Zero-shot classification, retrieval, extra evaluation sets, GMACs / params and t
 model, plus its class and caption embeddings (which evaluate reuses for every model whose text tower is
 unchanged). It depends on the model, the evaluation data and the evaluate params that change these figures,
 not on anything the pruning writes, so a sweep over constraints or criteria evaluates the dense model once.
+`evaluate.nproc > 1` relaunches it under torchrun (images and texts sharded by whole batches, rank 0 writes).
 """
 
 import torch
 
-from _common import run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from _evaluation import dense_settings_from_params
 from clipprune.config import parse_params
 from clipprune.data.evalsets import open_eval_dataset
@@ -21,13 +22,20 @@ OUT, = stage_paths("evaluate_dense", "out", main=__name__ == "__main__")
 
 
 def main(params: dict) -> None:
-    settings = dense_settings_from_params(parse_params(params, need=("seed", "model", "data", "evaluate")))
+    p = parse_params(params, need=("seed", "model", "data", "evaluate"))
+    settings = dense_settings_from_params(p)
     # extra sets (evaluate.datasets) are read and checked before the model runs, so bad paths fail fast
     extra = [open_eval_dataset(spec) for spec in settings.datasets]
+    if relaunch("evaluate_dense", p.evaluate.nproc, {"out": OUT}):
+        print(f"evaluate_dense: {p.evaluate.nproc} processes finished; wrote {OUT}")
+        return
     torch.manual_seed(settings.seed)
     model = load_model(settings.model)
-    evaluation = evaluate_dense(model, settings.data, inputs=settings.inputs(), batch_size=settings.batch_size,
-                                datasets=extra)
+    with data_parallel_stage() as ctx:
+        evaluation = evaluate_dense(model, settings.data, inputs=settings.inputs(), batch_size=settings.batch_size,
+                                    datasets=extra)
+    if not ctx.is_main:
+        return
     save_dense_evaluation(OUT, evaluation)
     acc = evaluation.metrics.get("zeroshot", {}).get("acc1")
     retrieval = evaluation.metrics["retrieval"]

@@ -1,8 +1,13 @@
-"""Stage tune: Kwon's rearrangement, then least-squares mask tuning against the dense model."""
+"""Stage tune: Kwon's rearrangement, then least-squares mask tuning against the dense model.
+
+`tune.nproc > 1` relaunches it under torchrun: each process captures every nproc-th calibration batch, the
+least-squares statistics of each sub-block are all-reduced before its solve, and rank 0 writes the outputs.
+"""
+import os
 import sys
 import time
 
-from _common import run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.errors import MaskError
 from clipprune.io import commit_together, write_json
@@ -20,6 +25,11 @@ def main(params: dict) -> None:
     p = parse_params(params, need=("model", "data", "tune"))
     rearrange, lsq, damp, max_scale = p.tune.rearrange, p.tune.lsq, p.tune.damp, p.tune.max_scale
     batch_size = p.tune.batch_size
+    named = {"calibration": CALIBRATION, "scores": SCORES, "searched": SEARCHED, "rearranged": REARRANGED,
+             "tuned": TUNED, "report": REPORT, "timing": TIMING}
+    if relaunch("tune", p.tune.nproc, named):
+        print(f"tune: {p.tune.nproc} processes finished; wrote {TUNED}")
+        return
     masks, search_meta = load_masks(SEARCHED, with_metadata=True)
     model = load_model(p.model)
     validate_masks(model, masks, str(SEARCHED))  # a mismatch names the file, not an internal variable
@@ -49,8 +59,11 @@ def main(params: dict) -> None:
     if lsq:
         loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"),
                                     CALIBRATION, model.preprocess, batch_size)
-        masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
-                                          batch_size=batch_size, progress=True)
+        with data_parallel_stage():
+            masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
+                                              batch_size=batch_size, progress=True)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0 writes nothing
+        return
     wall = time.perf_counter() - start
 
     meta = {**search_meta, "rearrange": rearrange, "lsq": lsq, "damp": damp, "max_scale": max_scale}

@@ -51,6 +51,7 @@ KL_PAIRS = ("image_text", "image_image")
 DEVICES = ("auto", "cpu", "cuda")
 MASK_TYPES = ("unstructured", "block4", "N:M")
 FISHER_DTYPES = ("float32", "float64")
+PRECISIONS = ("float32", "bfloat16", "float16")  # score.precision: autocast dtype of the forward passes
 REFERENCE_BATCH = 256  # distill lr scaling: base_lr is the rate for a global batch of 256
 
 # Upper bounds: what could exhaust memory or overflow. Generous for real runs (COCO has 591,753 train
@@ -63,7 +64,7 @@ FISHER_BLOCK_MAX = 4096        # sparsity.fisher_block_size: inverses hold weigh
 CHUNK_LAYERS_MAX = 100_000
 RECOMPUTATIONS_MAX = 100       # sparsity.num_recomputations: each step reruns the whole method
 DPI_RANGE = (30, 600)          # report.dpi: 600 dpi is print quality; 10^5 would need terabytes of pixels
-NPROC_MAX = 256                # distill.nproc: one process (and model copy) each
+NPROC_MAX = 256                # <stage>.nproc: one process (and model copy) each
 EPOCHS_MAX = 100_000
 LATENCY_WARMUP_MAX = 10_000
 LATENCY_REPEATS_MAX = 100_000
@@ -234,6 +235,7 @@ def _typed(annotation, check: Callable):
 
 Seed = _typed(int, _int(0, SEED_MAX))
 BatchSize = _typed(int, _int(1, BATCH_MAX))
+NProc = _typed(int, _int(1, NPROC_MAX))
 Samples = _typed(int, _int(1, SAMPLES_MAX))
 OptionalSamples = _typed(int | None, _int(1, SAMPLES_MAX, nullable=True))
 Bool = _typed(bool, _bool)
@@ -390,6 +392,10 @@ class ScoreSection(_Section):
     towers: Towers
     batch_size: BatchSize
     options: Options = {}
+    nproc: NProc = 1                # data-parallel processes under torchrun (batch i on rank i mod nproc)
+    device: _choice_type(*DEVICES) = "cpu"
+    precision: _choice_type(*PRECISIONS) = "float32"
+    checkpointing: Bool = False     # recompute each block in the backward (memory for large models)
 
     @model_validator(mode="after")
     def _options(self):
@@ -458,6 +464,7 @@ class TuneSection(_Section):
     damp: NonNegative
     max_scale: Positive
     batch_size: BatchSize
+    nproc: NProc = 1                # data-parallel processes under torchrun (LSQ statistics all-reduced)
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -586,6 +593,7 @@ class EvaluateSection(_Section):
     max_retrieval_images: OptionalSamples = None
     latency: LatencySection
     datasets: _typed(tuple, _eval_datasets) = ()
+    nproc: NProc = 1                # data-parallel processes under torchrun (images and texts by whole batches)
 
 
 class OnnxSection(_Section):
@@ -664,7 +672,7 @@ class DistillSection(_Section):
     min_lr: NonNegative = 0.0
     warmup_steps: _typed(int, _int(0))  # checked against the run's optimizer steps when they are known
     weight_decay: NonNegative
-    nproc: _typed(int, _int(1, NPROC_MAX))
+    nproc: NProc
     device: _choice_type(*DEVICES) = "auto"
     retrain: RetrainSection = RetrainSection()
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..models.base import ClipModel
 from .config import DistillConfig
-from .distributed import DistContext
+from ..distributed import DistContext
 
 
 @dataclass

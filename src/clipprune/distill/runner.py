@@ -18,7 +18,7 @@ from ..models import load_model
 from .checkpoint import load_checkpoint
 from .config import DistillConfig, fingerprint
 from .data import TrainImages
-from .distributed import DistContext, init_distributed
+from ..distributed import DistContext, init_distributed
 from .train import TrainingLogger, check_schedule, plan_training, train
 
 

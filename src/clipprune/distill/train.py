@@ -28,7 +28,7 @@ from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_against, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .config import DistillConfig, RetrainRow, lr_at, retrain_row
 from .data import TrainImages, epoch_plan, shard, steps_per_epoch
-from .distributed import DistContext
+from ..distributed import DistContext
 from .features import keep_ratio, named_trainables, top_block_parameters
 from .losses import Batch, distill_loss
 

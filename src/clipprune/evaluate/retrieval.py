@@ -14,7 +14,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from clipprune.distributed import DistContext, current, shard_batches
 from clipprune.errors import DataError, ParamError
 from clipprune.evaluate.zeroshot import encode_texts, model_device
 from clipprune.models.base import ClipModel
@@ -111,6 +113,13 @@ def _iter_batches(dataset: Iterable, batch_size: int):
         yield images, captions
 
 
+def _sharded_batches(dataset: Iterable, batch_size: int, ctx: DistContext):
+    """``(batch index, (images, caption lists))`` of this rank's batches (all of them in one process)."""
+    if ctx.world > 1 and isinstance(dataset, DataLoader):  # only this rank's images are read
+        return ((index, next(_iter_batches([batch], batch_size))) for index, batch in shard_batches(dataset, ctx))
+    return shard_batches(_iter_batches(dataset, batch_size), ctx)
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10),
                        progress: bool = True, desc: str = "retrieval",
@@ -124,13 +133,20 @@ def evaluate_retrieval(model: ClipModel, dataset: Iterable, batch_size: int = 64
     labels the progress bars (``"<desc> images"``, ``"<desc> captions"``).
     """
     device = model_device(model)
-    image_features, captions, owner = [], [], []
+    ctx = current()
+    image_features, caption_batches, captions, owner = [], [], [], []
     n_images = 0
-    for images, caption_lists in progress_bar(_iter_batches(dataset, batch_size), desc=f"{desc} images",
-                                              enabled=progress, leave=False):
+    for index, (images, caption_lists) in progress_bar(_sharded_batches(dataset, batch_size, ctx),
+                                                       desc=f"{desc} images", enabled=progress, leave=False):
         if not isinstance(images, torch.Tensor):
             images = torch.stack([im if isinstance(im, torch.Tensor) else model.preprocess(im) for im in images])
         image_features.append(model.encode_image(images.to(device)).float().cpu())
+        if any(not texts for texts in caption_lists) and ctx.world > 1:
+            raise DataError(f"retrieval image in batch {index} has no caption")
+        caption_batches.append(caption_lists)
+    # data parallel: every rank gets every batch's image features and captions, in the original order
+    image_features, caption_batches = ctx.gather_batches(image_features), ctx.gather_json(caption_batches)
+    for caption_lists in caption_batches:
         for texts in caption_lists:
             if not texts:
                 raise DataError(f"retrieval image {n_images} has no caption")

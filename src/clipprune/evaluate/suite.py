@@ -6,6 +6,7 @@ next to it, reusing the dense text embeddings wherever the text tower is unchang
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..distributed import current
 from ..data.coco import CocoCaptions, collate_image_captions
 from ..data.evalsets import EvalDataset
 from ..data.imagefolder import ImageFolderClassification, load_classnames, load_templates
@@ -220,6 +222,19 @@ def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup
             "dense_ms": {"image_batch": 1000 * image["b_seconds"], "text_batch": 1000 * text["b_seconds"]}}
 
 
+@contextlib.contextmanager
+def _whole_machine_threads(ctx):
+    """Data parallel: rank 0 times latency while the others wait, with all the processes' CPU threads (each
+    process has its share, ``OMP_NUM_THREADS`` = cores / N), as one process would. One process: as is."""
+    threads = torch.get_num_threads()
+    if ctx.world > 1:
+        torch.set_num_threads(threads * ctx.world)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalData, *,
                       final_dir: Path | None = None, before_distill_dir: Path | None = None,
                       mask_files: dict[str, Path] | None = None, steps: bool = True,
@@ -248,8 +263,14 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     latency = dict(batch_size=latency_batch, warmup=latency_warmup, repeats=latency_repeats, seed=seed)
     reallocate_tensors(dense.eval())  # as evaluate_dense did, so that its masked steps can reuse the texts
     report = {"dense": dict(baseline.metrics)}
+    # data parallel: latency is timed by rank 0 alone (the others wait), the only one that writes the report
+    ctx = current()
     if final_dir is None:
-        report["dense"]["latency_ms"] = measure_model_latency(dense, **latency)
+        report["dense"]["latency_ms"] = None
+        if ctx.is_main:
+            with _whole_machine_threads(ctx):
+                report["dense"]["latency_ms"] = measure_model_latency(dense, **latency)
+        ctx.barrier()
         return report
 
     def text_for(model: ClipModel, label: str) -> TextEncoder:
@@ -271,7 +292,11 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     same_text = final_text.fingerprint is not None and final_text.fingerprint == text_tower_fingerprint(dense)
     if same_text:
         log("final model: text tower unchanged: its text latency is the dense one's (ratio 1), timed once")
-    timed = compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
+    timed = {"ratio": None, "pruned_ms": None, "dense_ms": None}
+    if ctx.is_main:
+        with _whole_machine_threads(ctx):
+            timed = compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
+    ctx.barrier()
     pruned["latency_ratio"] = timed["ratio"]
     pruned["latency_ms"] = timed["pruned_ms"]
     report["dense"]["latency_ms"] = timed["dense_ms"]

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from clipprune.distributed import current, shard_batches
 from clipprune.errors import DataError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.progress import progress_bar
@@ -54,10 +55,12 @@ def encode_tokens(model: ClipModel, tokens: torch.Tensor, batch_size: int = 256,
                   desc: str = "encode text") -> torch.Tensor:
     """Text embeddings (not normalised) of token ids (n, context_length), in batches, (n, embed_dim), on CPU."""
     device = model_device(model)
+    ctx = current()  # data parallel: batch i on rank i mod N, gathered in order
     chunks = []
     starts = range(0, tokens.shape[0], batch_size)
-    for start in progress_bar(starts, desc=desc, enabled=progress, leave=False):
+    for _, start in progress_bar(shard_batches(starts, ctx), desc=desc, enabled=progress, leave=False):
         chunks.append(model.encode_text(tokens[start:start + batch_size].to(device)).float().cpu())
+    chunks = ctx.gather_batches(chunks)
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -151,15 +154,17 @@ def zero_shot_classification(model: ClipModel, dataloader: Iterable, classnames:
         model, classnames, templates, batch_size, progress, f"{desc} classifier")
     device = model_device(model)
     weights = weights.to(device=device, dtype=torch.float32)
+    ctx = current()  # data parallel: batch i on rank i mod N, gathered in order
     all_logits, all_targets = [], []
-    for batch in progress_bar(dataloader, desc=desc, enabled=progress, leave=False):
+    for _, batch in progress_bar(shard_batches(dataloader, ctx), desc=desc, enabled=progress, leave=False):
         try:
             images, targets = batch[0], batch[1]
         except (TypeError, IndexError, KeyError):
             raise DataError("zero-shot dataloader must yield (images, targets) batches") from None
         features = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
         all_logits.append((100.0 * features @ weights).cpu())
-        all_targets.append(torch.as_tensor(targets).view(-1).cpu())
+        all_targets.append(torch.as_tensor(targets).view(-1).cpu().long())
+    all_logits, all_targets = ctx.gather_batches(all_logits), ctx.gather_batches(all_targets)
     if not all_logits:
         raise DataError("zero-shot dataloader yielded no batches")
     return classification_metrics(torch.cat(all_logits), torch.cat(all_targets), weights.shape[1])

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from clipprune.distributed import current, shard_batches
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.models.masks import apply_masks, apply_sample_masks, block_widths, full_masks, parse_mask_key
@@ -83,13 +84,14 @@ def mask_gradients(model: ClipModel, images: torch.Tensor, tokens: torch.Tensor 
     else:
         masks = base
         masked = apply_masks(model, masks)
+    keys = list(masks)
+    # the backward too runs with the masks' hooks in place: score.checkpointing recomputes blocks in it
     with masked:
         image_features = model.encode_image(images)
         text_features = model.encode_text(tokens) if loss_fn.uses_text else None
-    value = loss_fn(image_features, text_features, model.logit_scale.detach(), **(loss_options or {}))
-    objective = value * batch if per_sample else value
-    keys = list(masks)
-    grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
+        value = loss_fn(image_features, text_features, model.logit_scale.detach(), **(loss_options or {}))
+        objective = value * batch if per_sample else value
+        grads = torch.autograd.grad(objective, [masks[k] for k in keys], allow_unused=True)
     out = {}
     for key, grad in zip(keys, grads):
         if grad is None and masks[key].numel() > 0:
@@ -126,35 +128,64 @@ def check_every_layer_reached(model: ClipModel, reached: dict[str, torch.Tensor]
 
 def gradient_batches(model: ClipModel, loader, loss: str, towers, per_sample: bool, loss_options: dict | None,
                      desc: str, progress: bool):
-    """Yield ``(images, loss value, mask gradients)`` for each calibration batch, parameters frozen.
+    """Yield ``(batch size, loss value, mask gradients)`` for each calibration batch, parameters frozen.
 
     The shared loop of the gradient criteria: checks that the batch holds image tensors, moves it to the
     model's device, tokenizes captions only when the loss reads text, and stops with a one-line error on a
     non-finite loss or gradient, and after the last batch on a layer that no gradient reached
     (``check_every_layer_reached``).
+
+    Data parallel (``clipprune.distributed.data_parallel`` active with several processes): batch ``i`` is
+    computed by rank ``i mod N``, then every rank receives every batch's loss and gradients (CPU float32) and
+    this yields them in batch order, so whatever a criterion sums over batches is summed in the same order
+    as in one process.
     """
     uses_text = get_loss(loss).uses_text
     device = next(model.parameters()).device
+    ctx = current()
+
+    def one_batch(index: int, images, captions):
+        if not isinstance(images, torch.Tensor):
+            raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
+                            f"(build the dataset with the model's preprocess transform)")
+        images = images.to(device)
+        # captions are not even tokenized for an image-only loss: they cannot influence the gradients
+        tokens = _tokens(model, captions).to(device) if uses_text else None
+        value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options,
+                                      batch_index=index)
+        if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
+                                 f"check the model weights, score.loss and score.options")
+        return images.shape[0], value, grads
+
+    def computed():
+        with frozen_parameters(model):
+            if ctx.world == 1:
+                for index, (images, captions) in enumerate(progress_bar(loader, desc=desc, unit="batch",
+                                                                        enabled=progress)):
+                    yield one_batch(index, images, captions)
+                return
+            local = [one_batch(index, images, captions) for index, (images, captions) in
+                     progress_bar(shard_batches(loader, ctx), desc=f"{desc} rank {ctx.rank}", unit="batch",
+                                  enabled=progress)]
+        keys = list(local[0][2]) if local else None
+        keys = ctx.gather_json([keys])  # a rank without batches learns the keys from one that has some
+        keys = next((k for k in keys if k is not None), [])
+        sizes = ctx.gather_batches([torch.tensor([size]) for size, _, _ in local])
+        values = ctx.gather_batches([value.detach().to("cpu", torch.float32).reshape(1) for _, value, _ in local])
+        grads = {key: ctx.gather_batches([g[key].detach().to("cpu", torch.float32) for _, _, g in local])
+                 for key in keys}
+        for index, (size, value) in enumerate(zip(sizes, values)):
+            yield int(size[0]), value[0], {key: grads[key][index] for key in keys}
+
     reached: dict[str, torch.Tensor] = {}
     batches = 0
-    with frozen_parameters(model):
-        for index, (images, captions) in enumerate(progress_bar(loader, desc=desc, unit="batch", enabled=progress)):
-            if not isinstance(images, torch.Tensor):
-                raise DataError(f"score: batch {index} holds {type(images).__name__} images, expected a tensor "
-                                f"(build the dataset with the model's preprocess transform)")
-            images = images.to(device)
-            # captions are not even tokenized for an image-only loss: they cannot influence the gradients
-            tokens = _tokens(model, captions).to(device) if uses_text else None
-            value, grads = mask_gradients(model, images, tokens, loss, towers, per_sample, loss_options,
-                                          batch_index=index)
-            if not torch.isfinite(value) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
-                raise ClipPruneError(f"score: non-finite gradient in batch {index} (loss={value.item():.6g}); "
-                                     f"check the model weights, score.loss and score.options")
-            for key, grad in grads.items():
-                now = _reached_layers(grad, per_sample)
-                reached[key] = now if key not in reached else reached[key] | now
-            batches += 1
-            yield images, value, grads
+    for size, value, grads in computed():
+        for key, grad in grads.items():
+            now = _reached_layers(grad, per_sample)
+            reached[key] = now if key not in reached else reached[key] | now
+        batches += 1
+        yield size, value, grads
     if batches:
         check_every_layer_reached(model, reached, batches, loss)
 
@@ -178,8 +209,8 @@ def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progre
     rows: dict[str, list[torch.Tensor]] = {}
     losses: list[float] = []
     samples = 0
-    for images, value, grads in gradient_batches(model, loader, loss, towers, per_sample, loss_options,
-                                                 f"score fisher ({loss}, {granularity})", progress):
+    for batch, value, grads in gradient_batches(model, loader, loss, towers, per_sample, loss_options,
+                                                f"score fisher ({loss}, {granularity})", progress):
         for key, grad in grads.items():
             batch_rows = grad.detach().to("cpu", torch.float32)
             batch_rows = batch_rows if per_sample else batch_rows.unsqueeze(0)
@@ -189,7 +220,7 @@ def fisher_scores(model: ClipModel, loader, *, towers, loss, granularity, progre
             if keep_grads:
                 rows.setdefault(key, []).append(batch_rows)
         losses.append(value.item())
-        samples += images.shape[0]
+        samples += batch
     if not losses:
         raise DataError("score: the calibration data yielded no batches")
     return ScoreResult(

@@ -6,10 +6,11 @@ the caller adds: model name, seed, calibration file...).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -51,10 +52,63 @@ def _check_batches(loader, loss: str) -> None:
                          f"score.batch_size or calibrate.num_samples")
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def autocast_forward(model: ClipModel, precision: str) -> Iterator[None]:
+    """Inside: the model's forward passes in ``precision`` (torch autocast on its device); ``float32``: as is.
+
+    The masks stay float32 leaves, so their gradients (and the Fisher sums over them, in float64) are float32
+    whatever the precision of the activations.
+    """
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+        yield
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: ClipModel) -> Iterator[None]:
+    """Inside: every block of every tower runs under ``torch.utils.checkpoint`` (non-reentrant).
+
+    A block's activations are not kept for the backward but recomputed from its input (hooks included, so the
+    masks act the same), trading one more forward for memory: the gradients are the same. The blocks'
+    ``forward`` are restored on exit.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    try:
+        for tower in model.towers.values():
+            for block in tower.blocks():
+                original = block.forward
+
+                def forward(*args, _original=original, **kwargs):
+                    return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+                block.forward = forward
+                patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward  # the instance attribute: the class's forward again
+
+
 def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = "contrastive",
                 granularity: str = "batch", towers="both", seed: int = 0, progress: bool = True,
-                options: Mapping | None = None) -> ScoreResult:
-    """Seed torch, run the criterion registered as ``criterion`` and return its ``ScoreResult``."""
+                options: Mapping | None = None, precision: str = "float32",
+                checkpointing: bool = False) -> ScoreResult:
+    """Seed torch, run the criterion registered as ``criterion`` and return its ``ScoreResult``.
+
+    ``precision``: float32, or bfloat16 / float16 autocast of the forward passes; ``checkpointing``: recompute
+    each block in the backward instead of keeping its activations (``checkpointed_blocks``). Under an active
+    ``clipprune.distributed.data_parallel`` context the gradient criteria shard the batches over the processes.
+    """
+    if precision not in PRECISIONS:
+        raise ParamError(f"score.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     fn = get_criterion(criterion)  # the registered criterion checks towers, granularity, loss and options
     if fn.needs_data:
         if loss is None:
@@ -63,9 +117,14 @@ def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = 
             raise ParamError(f"score.criterion={criterion} needs calibration data")
         _check_batches(loader, loss)
     torch.manual_seed(seed)
-    result = fn(model, loader if fn.needs_data else None, towers=towers, loss=loss if fn.needs_data else None,
-                granularity=granularity, progress=progress, **dict(options or {}))
+    with autocast_forward(model, precision), \
+            (checkpointed_blocks(model) if checkpointing else contextlib.nullcontext()):
+        result = fn(model, loader if fn.needs_data else None, towers=towers,
+                    loss=loss if fn.needs_data else None, granularity=granularity, progress=progress,
+                    **dict(options or {}))
     result.meta = {**result.meta, "seed": seed}
+    if precision != "float32":  # float32 runs keep their artifact byte-identical to before the option existed
+        result.meta["precision"] = precision
     return result
 
 

@@ -74,10 +74,9 @@ def taylor_entropy_scores(model, loader, *, towers, loss, granularity, progress,
     rows: dict[str, list[torch.Tensor]] = {key: [] for key in neuron_keys}
     losses: list[float] = []
     samples = 0
-    for images, value, grads in gradient_batches(model, loader, loss, towers, per_sample,
-                                                 {"inv_temperature": inv_temperature},
-                                                 f"score taylor_entropy ({loss}, {granularity})", progress):
-        batch = images.shape[0]
+    for batch, value, grads in gradient_batches(model, loader, loss, towers, per_sample,
+                                                {"inv_temperature": inv_temperature},
+                                                f"score taylor_entropy ({loss}, {granularity})", progress):
         for key in neuron_keys:
             grad = grads[key].detach().to("cpu", torch.float32)
             # per sample, mask_gradients differentiates batch × mean loss: divide to get AMP's ∂(mean)/∂a

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..distributed import current, shard_batches
 from ..errors import DataError, ModelLoadError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.blocks import BlockCall, StopForward
@@ -93,7 +94,8 @@ def iter_tower_batches(model: ClipModel, loader_or_inputs, towers: Sequence[str]
     except TypeError:
         raise DataError(f"calibration data must be an iterable of (images, captions) batches, "
                         f"got {type(loader_or_inputs).__name__}") from None
-    for index, batch in enumerate(iterator):
+    # data parallel: batch i is captured by rank i mod N (one process: every batch)
+    for index, batch in shard_batches(source, current()) if current().world > 1 else enumerate(iterator):
         if isinstance(batch, Mapping):
             batch = (batch.get("images"), batch.get("captions", batch.get("tokens")))
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:

@@ -50,6 +50,7 @@ from typing import Mapping
 import torch
 
 from ..config import parse_towers
+from ..distributed import current as data_parallel_context
 from ..errors import DataError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
@@ -100,6 +101,17 @@ class LeastSquaresStats:
         self.cross += (features * projected).sum(0).view(self.units, self.group).sum(1).double()
         self.target_sq += float(residual.double().pow(2).sum())
         self.tokens += features.shape[0]
+
+    def reduce(self) -> None:
+        """Data parallel (``clipprune.distributed.data_parallel`` with several processes): sum every process's
+        ``G``, ``r``, ``‖R‖²`` and token count (an all-reduce; one process: nothing to do)."""
+        ctx = data_parallel_context()
+        if ctx.world == 1:
+            return
+        self.gram = ctx.all_reduce_sum(self.gram)
+        self.cross = ctx.all_reduce_sum(self.cross)
+        self.target_sq = float(ctx.all_reduce_sum(torch.tensor([self.target_sq], dtype=torch.float64))[0])
+        self.tokens = int(ctx.all_reduce_sum(torch.tensor([self.tokens], dtype=torch.int64))[0])
 
     def system(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G, r)`` in float64, ``G`` ``[units, units]``."""
@@ -212,6 +224,9 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
                     data[tower].hidden.append(hidden)
                     data[tower].valid.append(tower_batch.valid)
                 samples += next(iter(batch.values())).inputs.shape[0] if batch else 0
+            ctx = data_parallel_context()
+            if ctx.world > 1:  # each process captured its own batches (iter_tower_batches shards them)
+                samples = int(ctx.all_reduce_sum(torch.tensor([samples]))[0])
             if samples == 0:
                 raise DataError("tune: the calibration data is empty (no batches)")
             total_layers = sum(len(teacher.towers[t].blocks()) for t in tower_names)
@@ -360,6 +375,7 @@ def _finish(masks: dict[str, torch.Tensor], key: str, layer: int, kept: torch.Te
     if stats is None:
         return {**entry, "status": "skipped", "reason": skipped_reason or "no data", "error_before": None,
                 "error_after": None, "target_energy": None, "max_abs_scale": None, "lambda": None, "tokens": 0}
+    stats.reduce()
     G, r = stats.system()
     start = masks[key][layer, kept].double()
     solution = solve_scales(G, r, start, settings.damp, lambda s: stats.error(G, r, s))
