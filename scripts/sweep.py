@@ -6,8 +6,8 @@
 
 The grid is queued with one `dvc exp run --queue -S key=v1,v2 ...` (DVC expands comma lists into their
 cross product), run with `dvc exp run --run-all -j N` (temporary copies, so the workspace is untouched),
-then the columns that matter are read from `dvc exp show --csv` (the `summary.*` block that the evaluate
-stage writes into reports/metrics.json) and printed as a table. Run it from the repository root with the
+then the columns that matter are read from `dvc exp show --csv` (the `summary.*` block of
+reports/summary.json, the pipeline's only metrics file, written by the last stage, summary) and printed as a table. Run it from the repository root with the
 venv's `dvc` on PATH (`make sweep` does both). Exit status 1 when an experiment of the grid failed.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ COLUMNS = (
     ("top-1 %", "summary.top1", "{:.2f}"),
     ("R@1 t→i %", "summary.r1_t2i", "{:.2f}"),
     ("R@1 i→t %", "summary.r1_i2t", "{:.2f}"),
-    ("latency ratio", "summary.latency_ratio", "{:.3f}"),
+    ("latency img", "summary.latency_ratio_image", "{:.3f}"),
+    ("latency txt", "summary.latency_ratio_text", "{:.3f}"),
     ("pruning s", "summary.pruning_time_s", "{:.1f}"),
 )
 _QUEUED = re.compile(r"Queued experiment '([^']+)'")

@@ -27,7 +27,7 @@ def row(name, method, constraint, top1, **extra):
 
 
 def test_tidy_table_keeps_the_sweep_sorted_and_formats_cells():
-    rows = [row("b", "magnitude+mac", 0.3, 10.3), row("a", "fisher+mac", 0.7, 95.54, **{"summary.latency_ratio": "0.51234"}),
+    rows = [row("b", "magnitude+mac", 0.3, 10.3), row("a", "fisher+mac", 0.7, 95.54, **{"summary.latency_ratio_image": "0.51234"}),
             row("c", "fisher+mac", 0.3, 50.97), row("old", "fisher+mac", 0.5, 85.0),
             {"Experiment": "workspace", "summary.method": "-"}]
     table = sweep.tidy_table(rows, ["a", "b", "c"])
