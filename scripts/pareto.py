@@ -16,13 +16,13 @@ dashed without distillation, solid with). Run from the repository root with the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import exp_rows, format_table, queue_grid, run_queue  # noqa: E402  (the sweep's DVC plumbing)
 
+from clipprune.io import write_json  # noqa: E402
 from clipprune.report.pareto import dense_top1, pareto_points, pareto_series, plot_pareto  # noqa: E402
 
 NO_TUNE = ["tune.rearrange=false", "tune.lsq=false"]
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = exp_rows()
     chosen = [r for r in rows if names is None or r.get("Experiment") in names]
     points = pareto_points(chosen)
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps(points, indent=2, sort_keys=True) + "\n")
+    write_json(OUT_JSON, points)
     plot_pareto(points, OUT_PNG, dense=dense_top1(rows), dpi=args.dpi)
     print(format_table(table(points)))
     print(f"pareto: {len(points)} points in {OUT_JSON}, plot {OUT_PNG}")
