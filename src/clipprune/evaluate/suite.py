@@ -236,9 +236,9 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     file size, text embeddings: see ``dense.py``). Without ``final_dir`` the result is the dense block only,
     with ``latency_ms`` measured on its own. With it: ``dense`` and ``pruned`` (the final model: all of
     :func:`model_metrics`, plus kept MAC fraction of the searched towers, params ratio, ``latency_ratio``
-    pruned/dense, file size), both ``latency_ms`` from the same interleaved rounds (``latency_rounds``: the
-    min-max of the per-round ratios and the 1-minute load average when the timing began) (text timed once when
-    the final text tower is the dense one, see :func:`compare_latency`); ``dense_file_mb``;
+    pruned/dense, file size), both ``latency_ms`` from the same interleaved rounds (text timed once when
+    the final text tower is the dense one, see :func:`compare_latency`); ``latency_rounds`` (the min-max of
+    the per-round ratios, the round count and the 1-minute load average when the timing began); ``dense_file_mb``;
     ``before_distill`` (accuracy of the model in ``before_distill_dir``, when given); ``steps`` (accuracy of
     the dense model under each step's masks, when ``steps``) and ``pruning_time_s`` (wall time of each
     pruning stage in seconds, as given in ``pruning_times``). ``datasets`` (extra
@@ -324,7 +324,8 @@ def null_metric_notes(metrics: dict, path: str = "") -> list[str]:
 
 def summary_metrics(metrics: dict, method: str, constraint: float | None,
                     towers: Sequence[str] | None = None) -> dict:
-    """One flat block of the figures that compare runs (``dvc exp show`` columns ``summary.*``).
+    """One flat block of the run's headline figures (``summary`` in metrics.json; the report stage names the
+    method from it, and the summary stage reads method, constraint and towers).
 
     ``metrics`` is the evaluate stage's nested dict (``dense`` and, after pruning, ``pruned``: the final
     model, after distillation when that ran, with ``before_distill`` accuracy). Percentages
