@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             names += queue_grid(grid(method, args.constraints, args.amp_thresholds, args.distill), ["summary"])
         print(f"pareto: queued {len(names)} experiments")
         run_queue(args.jobs)
-    rows = exp_rows()
+    rows = exp_rows(all_commits=True)  # a grid queued before the last commit is an experiment of the one before
     chosen = [r for r in rows if names is None or r.get("Experiment") in names]
     points = pareto_points(chosen)
     write_json(OUT_JSON, points)

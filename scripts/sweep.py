@@ -74,12 +74,28 @@ def run_queue(jobs: int) -> None:
         raise SystemExit(f"sweep: error: `dvc exp run --run-all` failed (exit {proc.returncode})")
 
 
-def exp_rows() -> list[dict]:
-    """Rows of `dvc exp show --csv` (workspace, baseline and every experiment)."""
-    proc = _dvc("exp", "show", "--csv")
+SUMMARY_FILE = "reports/summary.json"
+
+
+def plain_columns(row: dict) -> dict:
+    """A row with summary.json's columns under their own names: when another metrics file of an older commit
+    has the same key, `dvc exp show` names both ``<file>:<key>``; summary.json's wins, the others are dropped."""
+    out = {key: value for key, value in row.items() if ":" not in key or key.startswith(("http:", "https:"))}
+    for key, value in row.items():
+        file, _, name = key.partition(":")
+        if file == SUMMARY_FILE:
+            out[name] = value
+    return out
+
+
+def exp_rows(all_commits: bool = False) -> list[dict]:
+    """Rows of `dvc exp show --csv` (workspace, baseline and every experiment; with ``all_commits`` the
+    experiments of earlier commits too), columns named as in :func:`plain_columns`."""
+    args = ["exp", "show", "--csv", *(["--all-commits"] if all_commits else [])]
+    proc = _dvc(*args)
     if proc.returncode != 0:
-        raise SystemExit(f"sweep: error: `dvc exp show --csv` failed: {proc.stderr.strip()}")
-    return list(csv.DictReader(io.StringIO(proc.stdout)))
+        raise SystemExit(f"sweep: error: `dvc {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return [plain_columns(row) for row in csv.DictReader(io.StringIO(proc.stdout))]
 
 
 def _cell(row: dict, column: str, fmt: str) -> str:
