@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipprune-installed
 
-.PHONY: venv repro test test-fast bench clean-venv sweep methods deps
+.PHONY: venv repro test test-fast bench clean-venv sweep methods deps pareto
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,11 +14,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
-# Runs the whole DVC pipeline on params.yaml (the embedded default out of the box).
+# Runs the whole DVC pipeline on params.yaml (the embedded default out of the box), then prints the dense and
+# the final model side by side (scripts/answer.py) and the path of the full report.
 repro: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
-	@echo "metrics: reports/metrics.json"
-	@PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+	@$(BIN)/python scripts/answer.py
 
 # Rewrites the code deps of every stage in dvc.yaml from the imports of its script (scripts/stage_deps.py;
 # `python scripts/stage_deps.py check` lists what is missing or extra without writing).
@@ -52,6 +52,16 @@ sweep: $(STAMP)
 BUDGET ?= 0.5
 methods: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/methods_table.py --budget $(BUDGET)
+
+# The Pareto plot (kept MACs vs zero-shot top-1, a line per method, with and without distillation): queued
+# experiments for Kwon, AMP, LFPR and two baselines -> reports/plots/pareto.png and pareto_grid.json.
+# A smaller grid: `make pareto PARETO_METHODS=kwon,magnitude PARETO_CONSTRAINTS=0.3,0.5,0.7 PARETO_DISTILL=false`.
+PARETO_METHODS ?= kwon,amp,lfpr,magnitude,fisher-uniform
+PARETO_CONSTRAINTS ?= 0.3,0.4,0.5,0.6,0.7,0.8,0.9
+PARETO_DISTILL ?= false,true
+pareto: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/pareto.py --methods $(PARETO_METHODS) \
+		--constraints $(PARETO_CONSTRAINTS) --distill $(PARETO_DISTILL) --jobs $(SWEEP_JOBS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ One DVC experiment per criterion (named ``methods-<criterion>``), queued with `d
 with `dvc exp run --run-all` in temporary copies (the workspace is untouched). Every run uses the same
 search (`param_sum`, LFPR's "sum" search, `search.metric: params`) at the same `search.constraint`, with
 mask tuning and distillation off, so the criterion is the only difference. The table is read back from
-`dvc exp show --csv` (the `summary` and `pruned` blocks of reports/metrics.json).
+`dvc exp show --csv` (the `summary` block of reports/summary.json).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ COLUMNS = (  # (title, dvc exp show column, format)
     ("R@1 t→i %", "summary.r1_t2i", "{:.1f}"),
     ("R@1 i→t %", "summary.r1_i2t", "{:.1f}"),
     ("pruning s", "summary.pruning_time_s", "{:.1f}"),
-    ("file MB", "pruned.file_mb", "{:.2f}"),
+    ("file MB", "summary.file_mb", "{:.2f}"),
 )
 OUT = Path("reports/methods.md")
 
@@ -62,7 +62,7 @@ def queue(criteria: list[str], budget: float) -> None:
 
     for criterion in criteria:
         args = [arg for item in overrides(criterion, budget) for arg in ("-S", item)]
-        proc = _dvc("exp", "run", "--queue", "-n", experiment_name(criterion, budget), *args, "report")
+        proc = _dvc("exp", "run", "--queue", "-n", experiment_name(criterion, budget), *args, "summary")
         if proc.returncode != 0:
             raise SystemExit(f"methods_table: error: queueing {criterion} failed: {proc.stderr.strip()}")
         print(f"methods_table: queued {experiment_name(criterion, budget)}")

@@ -6,8 +6,8 @@
 
 The grid is queued with one `dvc exp run --queue -S key=v1,v2 ...` (DVC expands comma lists into their
 cross product), run with `dvc exp run --run-all -j N` (temporary copies, so the workspace is untouched),
-then the columns that matter are read from `dvc exp show --csv` (the `summary.*` block that the evaluate
-stage writes into reports/metrics.json) and printed as a table. Run it from the repository root with the
+then the columns that matter are read from `dvc exp show --csv` (the `summary.*` block of
+reports/summary.json, the pipeline's only metrics file, written by the last stage, summary) and printed as a table. Run it from the repository root with the
 venv's `dvc` on PATH (`make sweep` does both). Exit status 1 when an experiment of the grid failed.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ COLUMNS = (
     ("top-1 %", "summary.top1", "{:.2f}"),
     ("R@1 t→i %", "summary.r1_t2i", "{:.2f}"),
     ("R@1 i→t %", "summary.r1_i2t", "{:.2f}"),
-    ("latency ratio", "summary.latency_ratio", "{:.3f}"),
+    ("latency img", "summary.latency_ratio_image", "{:.3f}"),
+    ("latency txt", "summary.latency_ratio_text", "{:.3f}"),
     ("pruning s", "summary.pruning_time_s", "{:.1f}"),
 )
 _QUEUED = re.compile(r"Queued experiment '([^']+)'")
@@ -73,12 +74,28 @@ def run_queue(jobs: int) -> None:
         raise SystemExit(f"sweep: error: `dvc exp run --run-all` failed (exit {proc.returncode})")
 
 
-def exp_rows() -> list[dict]:
-    """Rows of `dvc exp show --csv` (workspace, baseline and every experiment)."""
-    proc = _dvc("exp", "show", "--csv")
+SUMMARY_FILE = "reports/summary.json"
+
+
+def plain_columns(row: dict) -> dict:
+    """A row with summary.json's columns under their own names: when another metrics file of an older commit
+    has the same key, `dvc exp show` names both ``<file>:<key>``; summary.json's wins, the others are dropped."""
+    out = {key: value for key, value in row.items() if ":" not in key or key.startswith(("http:", "https:"))}
+    for key, value in row.items():
+        file, _, name = key.partition(":")
+        if file == SUMMARY_FILE:
+            out[name] = value
+    return out
+
+
+def exp_rows(all_commits: bool = False) -> list[dict]:
+    """Rows of `dvc exp show --csv` (workspace, baseline and every experiment; with ``all_commits`` the
+    experiments of earlier commits too), columns named as in :func:`plain_columns`."""
+    args = ["exp", "show", "--csv", *(["--all-commits"] if all_commits else [])]
+    proc = _dvc(*args)
     if proc.returncode != 0:
-        raise SystemExit(f"sweep: error: `dvc exp show --csv` failed: {proc.stderr.strip()}")
-    return list(csv.DictReader(io.StringIO(proc.stdout)))
+        raise SystemExit(f"sweep: error: `dvc {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return [plain_columns(row) for row in csv.DictReader(io.StringIO(proc.stdout))]
 
 
 def _cell(row: dict, column: str, fmt: str) -> str:

@@ -66,23 +66,27 @@ def main(params: dict) -> None:
         line += f", pruned top-1 {_top1(metrics['pruned']['before_distill'])} before distillation"
     if "pruned" in metrics:
         line += (f", final top-1 {_top1(metrics['pruned'])} at {metrics['pruned']['kept_mac_fraction']:.3f} "
-                 f"of the MACs, latency ratio {metrics['pruned']['latency_ratio']['image']:.3f}")
+                 f"of the MACs, latency ratio image {metrics['pruned']['latency_ratio']['image']:.3f} / text "
+                 f"{metrics['pruned']['latency_ratio']['text']:.3f}")
     print(f"{line}; metrics in {OUT}")
     for name, result in metrics["dense"].get("datasets", {}).items():
         print(f"evaluate: {name}: {_headline(result)} dense"
               + (f", {_headline(metrics['pruned']['datasets'][name])} pruned" if "pruned" in metrics else ""))
 
 
-def _method_and_constraint() -> tuple[str, float | None]:
-    """``"<score criterion>+<search method>"`` and the constraint, as recorded in the artifacts' metadata."""
+def _method_and_constraint() -> tuple[str, float | None, list[str] | None]:
+    """``"<score criterion>+<search method>"``, the constraint and the searched towers, as recorded in the
+    artifacts' metadata."""
     from clipprune.models.masks import load_masks
     from clipprune.scoring import load_scores
 
     if not (FINAL.exists() and SCORES.is_file() and MASKS["search"].is_file()):
-        return "dense", None
+        return "dense", None, None
     search_meta = load_masks(MASKS["search"], with_metadata=True)[1]
     criterion = load_scores(SCORES).meta.get("criterion", "unknown")
-    return f"{criterion}+{search_meta.get('method', 'unknown')}", search_meta.get("constraint")
+    towers = search_meta.get("summary", {}).get("towers")
+    return (f"{criterion}+{search_meta.get('method', 'unknown')}", search_meta.get("constraint"),
+            sorted(towers) if towers is not None else None)
 
 
 def _headline(result: dict) -> str:

@@ -49,7 +49,7 @@ def test_overridden_keys_exist_in_params_yaml_unless_added():
 
 def test_markdown_lists_each_criterion_and_reports_missing_runs():
     rows = [{"Experiment": methods.experiment_name("fisher", 0.5), "summary.params_m": "4.6", "summary.top1": "86.4",
-             "summary.dense_top1": "96.7", "pruned.file_mb": "18.5"},
+             "summary.dense_top1": "96.7", "summary.file_mb": "18.5"},
             {"Experiment": methods.experiment_name("label_free", 0.5), "summary.top1": "86.9"}]
     text, missing = methods.markdown(rows, ["fisher", "label_free", "magnitude"], 0.5)
     assert missing == ["magnitude"]

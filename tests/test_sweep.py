@@ -25,6 +25,7 @@ def swept(default_pipeline):
     # distillation and the per-step evaluations off: what is under test is the grid, the table and the plots
     command = [sys.executable, "scripts/sweep.py", "--constraints", "0.4,0.6", "--criteria", "fisher",
                "--set", "distill.enabled=false", "--set", "evaluate.steps=false", "--target", "report",
+               "--target", "summary",
                "--csv", str(repo.parent / "sweep.csv")]
     proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env(), timeout=1800)
     assert git(repo, "status", "--porcelain") == status  # experiments ran in temporary copies

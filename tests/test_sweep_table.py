@@ -27,7 +27,7 @@ def row(name, method, constraint, top1, **extra):
 
 
 def test_tidy_table_keeps_the_sweep_sorted_and_formats_cells():
-    rows = [row("b", "magnitude+mac", 0.3, 10.3), row("a", "fisher+mac", 0.7, 95.54, **{"summary.latency_ratio": "0.51234"}),
+    rows = [row("b", "magnitude+mac", 0.3, 10.3), row("a", "fisher+mac", 0.7, 95.54, **{"summary.latency_ratio_image": "0.51234"}),
             row("c", "fisher+mac", 0.3, 50.97), row("old", "fisher+mac", 0.5, 85.0),
             {"Experiment": "workspace", "summary.method": "-"}]
     table = sweep.tidy_table(rows, ["a", "b", "c"])
@@ -37,3 +37,11 @@ def test_tidy_table_keeps_the_sweep_sorted_and_formats_cells():
     text = sweep.format_table(table)
     assert text.splitlines()[1].startswith("|---") and len({len(line) for line in text.splitlines()}) == 1
     assert [line[0] for line in sweep.tidy_table(rows)[1:]] == ["c", "old", "a", "b"]  # every run with a summary
+
+
+def test_plain_columns_prefers_summary_json_when_older_commits_collide():
+    # `dvc exp show --all-commits` over a commit whose metrics.json was a metrics file names both by file
+    row = {"Experiment": "a", "search.constraint": "0.3", "reports/summary.json:summary.top1": "45.9",
+           "reports/metrics.json:summary.top1": "", "summary.r1_t2i": "4.1", "reports/metrics.json:dense.x": "1"}
+    assert sweep.plain_columns(row) == {"Experiment": "a", "search.constraint": "0.3", "summary.top1": "45.9",
+                                        "summary.r1_t2i": "4.1"}

@@ -192,3 +192,28 @@ def test_warmup_as_long_as_the_run_is_refused_before_training(warmup_steps, digi
                                f"4 steps per epoch), got {warmup_steps}: the learning rate would never reach its "
                                f"peak and decay; lower warmup_steps or train longer")
     assert _state_bytes(student) == before  # refused before the first step
+
+
+def test_log_trained_towers_warns_about_a_pruned_tower_left_untrained():
+    import logging
+
+    from clipprune.distill.runner import log_trained_towers
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("clipprune")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert log_trained_towers(("vision",), ["text", "vision"]) == ["text"]
+        assert log_trained_towers(("text", "vision"), ["text", "vision"]) == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("INFO", "training the vision tower (distill.towers); pruned: text and vision"),
+        ("WARNING", "the pruned text tower is not trained: it stays as exported (add it to distill.towers to train it)"),
+        ("INFO", "training the text and vision towers (distill.towers); pruned: text and vision"),
+    ]

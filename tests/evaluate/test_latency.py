@@ -24,7 +24,8 @@ def test_latency_ratio_interleaves_and_is_finite():
     a, b = matmul(16), matmul(48)
     result = latency_ratio(lambda: order.append("a") or a(), lambda: order.append("b") or b(),
                            warmup=1, repeats=4)
-    assert set(result) == {"a_seconds", "b_seconds", "ratio"}
+    assert set(result) == {"a_seconds", "b_seconds", "ratio", "ratio_min", "ratio_max"}
     assert all(v > 0 and math.isfinite(v) for v in result.values())
+    assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]  # the spread over the rounds
     # warm-up a b, then rounds alternate which runs first
     assert "".join(order) == "ab" + "ab" + "ba" + "ab" + "ba"

@@ -115,7 +115,11 @@ def test_steps_and_before_distill_are_optional(dense, data, baseline, pipeline):
     report = evaluation_report(dense, baseline, data, final_dir=pipeline["pruned"], mask_files=pipeline["files"],
                                steps=False, batch_size=BATCH, progress=False, log=lambda line: None, **LATENCY)
     assert "steps" not in report and "before_distill" not in report["pruned"]
-    assert {"dense", "pruned", "dense_file_mb", "pruning_time_s"} == set(report)
+    assert {"dense", "pruned", "dense_file_mb", "pruning_time_s", "latency_rounds"} == set(report)
+    rounds = report["latency_rounds"]
+    assert rounds["rounds"] == LATENCY["latency_repeats"] and rounds["load_average_1m"] >= 0
+    low, high = rounds["ratio_range"]["image"]
+    assert low <= report["pruned"]["latency_ratio"]["image"] <= high
 
 
 def test_dense_only_report(dense, data, baseline):

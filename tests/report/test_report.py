@@ -17,7 +17,7 @@ from clipprune.evaluate.suite import summary_metrics
 from clipprune.models.masks import save_masks
 from clipprune.report import (ReportPaths, heatmap_matrices, kept_units, kept_units_rows, load_metrics,
                               load_search_trace, neuron_bins,
-                              pareto_point, summary_markdown, write_report)
+                              pareto_point, plot_accuracy_vs_mac, summary_markdown, write_report)
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS, HEADS, FFN = 4, 3, 48
@@ -52,7 +52,9 @@ def metrics():
                                                                          "text_retrieval_recall@1": 0.078}},
                   "search": {"zeroshot": {"acc1": 0.866}, "retrieval": {"image_retrieval_recall@1": 0.046,
                                                                           "text_retrieval_recall@1": 0.042}}},
-        "pruning_time_s": {"score": 3.5, "search": 0.01, "tune": 4.0, "total": 7.51},
+        "pruning_time_s": {"distill": 30.0, "score": 3.5, "search": 0.01, "tune": 4.0, "total": 7.51},
+        "latency_rounds": {"ratio_range": {"image": [0.51, 0.64], "text": [0.95, 1.1]}, "rounds": 10,
+                           "load_average_1m": 3.2},
     }
     m["summary"] = summary_metrics(m, "fisher+mac", 0.5)
     return m
@@ -73,7 +75,7 @@ def test_summary_metrics_flat_block(metrics):
     assert s["mac_pct"] == pytest.approx(49.99) and s["top1"] == pytest.approx(92.20)
     assert s["dense_top1"] == pytest.approx(96.67) and s["params_m"] == pytest.approx(4.620648)
     assert s["r1_t2i"] == pytest.approx(5.8) and s["r1_i2t"] == pytest.approx(7.8)
-    assert s["latency_ratio"] == 0.563 and s["pruning_time_s"] == 7.51
+    assert s["latency_ratio_image"] == 0.563 and s["latency_ratio_text"] == 1.01 and s["pruning_time_s"] == 7.51
     assert all(not isinstance(v, (dict, list)) for v in s.values())  # flat: one dvc exp show column each
 
 
@@ -81,7 +83,7 @@ def test_summary_metrics_dense_only_leaves_out_missing_keys():
     dense = model_metrics(0.9, 0.05, 0.06, 1_000_000, 0.1, 10.0)
     del dense["zeroshot"]
     s = summary_metrics({"dense": dense}, "dense", None)
-    assert s["mac_pct"] == 100.0 and s["latency_ratio"] == 1.0 and s["params_m"] == 1.0
+    assert s["mac_pct"] == 100.0 and s["latency_ratio_image"] == 1.0 and s["params_m"] == 1.0
     assert "top1" not in s and "constraint" not in s and "pruning_time_s" not in s
 
 
@@ -137,15 +139,19 @@ def test_summary_markdown_matches_metrics(metrics, masks):
     assert table["image→text R@1 (%)"][:2] == ["6.40", "7.80"]
     assert table["params (M)"][:2] == ["6.022", "4.621"]
     assert table["file size (MB, float32)"][:2] == ["24.10", "18.50"]
-    assert "0.563" in table["latency ratio, measured interleaved (image / text)"][1]
+    label = "{} latency ratio (interleaved median; min–max over rounds)"
+    assert table[label.format("image")] == ["1", "0.563 (0.510–0.640)", ""]
+    assert table[label.format("text")][1] == "1.010 (0.950–1.100)"
+    assert "10 rounds" in md and "load average when it began: 3.20 (the machine was busy" in md
     steps = table_rows(md, "Pruning steps")
     assert list(steps)[1:] == ["search", "tuned"]  # pipeline order, not metrics.json's alphabetical order
     assert steps["search"][0] == "86.60"
     layers = table_rows(md, "Kept units per layer")
     assert layers["vision"] == ["3", f"{int((masks['vision.head'][3] != 0).sum())} / {HEADS}",
                                 f"{int((masks['vision.neuron'][3] != 0).sum())} / {FFN}"]  # last layer wins
-    times = table_rows(md, "Wall time of pruning")
-    assert times["score"] == ["3.50"] and times["**total**"] == ["**7.51**"]
+    times = table_rows(md, "Wall time")
+    assert times["score"] == ["3.50"] and times["**pruning total** (score + search + tune)"] == ["**7.51**"]
+    assert times["**distillation total**"] == ["**30.00**"] and "distill" not in times
     assert "Method **fisher+mac**, constraint 0.5" in md
 
 
@@ -165,7 +171,13 @@ def test_write_report_files(tmp_path, metrics, masks):
     assert paths.kept_units_png.read_bytes() == again.kept_units_png.read_bytes()
     assert paths.accuracy_png.read_bytes() == again.accuracy_png.read_bytes()
     assert paths.search_trace_png.read_bytes() == again.search_trace_png.read_bytes()
-    assert [p["name"] for p in drawn["points"]] == ["dense", "search masks", "tuned masks", "exported"]
+    assert [p["name"] for p in drawn["points"]] == ["dense", "searched masks", "tuned masks", "exported"]
+
+
+def test_accuracy_plot_labels_exported_and_distilled(tmp_path, metrics):
+    metrics["pruned"]["before_distill"] = {"zeroshot": {"acc1": 0.9}}
+    points = plot_accuracy_vs_mac(metrics, tmp_path / "acc.png", dpi=30)
+    assert [(p["name"], round(p["value"], 2)) for p in points][-2:] == [("exported", 90.0), ("distilled", 92.2)]
 
 
 def test_load_search_trace_errors(tmp_path):

@@ -7,6 +7,7 @@ then delete the checkpoint (it only exists to resume a killed run).
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from .checkpoint import load_checkpoint
 from .config import DistillConfig, fingerprint
 from .data import TrainImages
 from ..distributed import DistContext, init_distributed
+from .features import prunable_param_count
 from .train import TrainingLogger, check_schedule, plan_training, train
 
 
@@ -72,6 +74,19 @@ def check_resumable(config: DistillConfig, teacher_name: str, paths: DistillPath
         load_checkpoint(paths.checkpoint, run_fingerprint(config, teacher_name, paths))
 
 
+def log_trained_towers(trained, pruned) -> list[str]:
+    """One line on the ``clipprune`` logger: which towers train (``distill.towers``), and, as a warning,
+    the pruned towers that do not (they stay as exported). Returns the pruned towers left untrained."""
+    log = logging.getLogger("clipprune")
+    untrained = [tower for tower in pruned if tower not in trained]
+    log.info("training the %s tower%s (distill.towers); pruned: %s", " and ".join(trained),
+             "s" if len(trained) > 1 else "", " and ".join(pruned) or "none")
+    if untrained:
+        log.warning("the pruned %s tower%s not trained: it stays as exported (add it to distill.towers to "
+                    "train it)", " and ".join(untrained), "s are" if len(untrained) > 1 else " is")
+    return untrained
+
+
 def run_distill(config: DistillConfig, teacher_name: str, paths: DistillPaths, *, progress: bool = True,
                 logger_factory=None, ctx: DistContext | None = None) -> dict:
     """Train (this process's part of) the run; the main process writes ``paths.out``. Returns a summary."""
@@ -83,6 +98,10 @@ def run_distill(config: DistillConfig, teacher_name: str, paths: DistillPaths, *
         student = load_pruned(paths.pruned, device=ctx.device)
         teacher = load_model(teacher_name, device=str(ctx.device))
         plan = plan_training(student, teacher, config)
+        pruned_towers = [tower for tower in sorted(student.towers)
+                         if prunable_param_count(student, tower) < prunable_param_count(teacher, tower)]
+        if ctx.is_main:
+            log_trained_towers(plan.towers, pruned_towers)
         data = TrainImages(paths.train_images, paths.train_captions, student.preprocess, config.num_samples,
                            config.seed, plan.data_share)
         check_schedule(config, len(data))  # a bad batch size fails before any log is touched
@@ -95,7 +114,7 @@ def run_distill(config: DistillConfig, teacher_name: str, paths: DistillPaths, *
             logger = logger_factory(paths.live, resume_step, plan.as_dict())
         result = train(student, teacher, data, config, plan, checkpoint_path=paths.checkpoint, fingerprint=key,
                        ctx=ctx, logger=logger, progress=progress)
-        summary = {"plan": plan.as_dict(), "images": len(data), "steps": result.steps, "history": result.history,
+        summary = {"plan": plan.as_dict(), "pruned_towers": pruned_towers, "images": len(data), "steps": result.steps, "history": result.history,
                    "resumed_from_epoch": result.resumed_from_epoch}
         if ctx.is_main:
             logger.close()

@@ -40,8 +40,9 @@ def latency_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup
     """Latency of ``fn_a`` relative to ``fn_b`` (e.g. pruned vs dense), measured interleaved in one run.
 
     Each round times both, alternating which goes first (a, b then b, a, ...), so drift in clock speed or
-    load affects both alike. Returns ``{"a_seconds", "b_seconds"}`` (medians) and ``"ratio"``, the median
-    of the per-round ratios a / b (below 1 means ``fn_a`` is faster).
+    load affects both alike. Returns ``{"a_seconds", "b_seconds"}`` (medians), ``"ratio"``, the median
+    of the per-round ratios a / b (below 1 means ``fn_a`` is faster), and ``"ratio_min"`` / ``"ratio_max"``,
+    their spread over the rounds.
     """
     times_a, times_b, ratios = [], [], []
     with torch.inference_mode():
@@ -59,4 +60,4 @@ def latency_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup
             times_b.append(t_b)
             ratios.append(t_a / max(t_b, 1e-12))
     return {"a_seconds": statistics.median(times_a), "b_seconds": statistics.median(times_b),
-            "ratio": statistics.median(ratios)}
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}

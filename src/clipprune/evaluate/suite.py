@@ -7,6 +7,7 @@ next to it, reusing the dense text embeddings wherever the text tower is unchang
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -203,10 +204,11 @@ def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup
                     seed: int, same_text_tower: bool = False) -> dict:
     """Pruned vs dense latency of image and text encoding, measured interleaved in one run.
 
-    Returns ``ratio`` (pruned / dense, median of the per-round ratios) and ``pruned_ms`` / ``dense_ms``
-    (median wall time of a batch, ``image_batch`` and ``text_batch``) from the same rounds. With
-    ``same_text_tower`` (equal text tower fingerprints: the same kernels on the same numbers) the text
-    encoder is timed once, on the dense model, and the text ratio is 1.
+    Returns ``ratio`` (pruned / dense, median of the per-round ratios), ``range`` (``[min, max]`` of the
+    per-round ratios, per encoder) and ``pruned_ms`` / ``dense_ms`` (median wall time of a batch,
+    ``image_batch`` and ``text_batch``) from the same rounds. With ``same_text_tower`` (equal text tower
+    fingerprints: the same kernels on the same numbers) the text encoder is timed once, on the dense model,
+    and the text ratio is 1 (range ``[1, 1]``).
     """
     from .latency import latency_ratio
 
@@ -214,10 +216,11 @@ def compare_latency(pruned: ClipModel, dense: ClipModel, batch_size: int, warmup
     image = latency_ratio(lambda: pruned.encode_image(images), lambda: dense.encode_image(images), warmup, repeats)
     if same_text_tower:
         seconds = measure_latency(lambda: dense.encode_text(tokens), warmup, repeats)
-        text = {"ratio": 1.0, "a_seconds": seconds, "b_seconds": seconds}
+        text = {"ratio": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "a_seconds": seconds, "b_seconds": seconds}
     else:
         text = latency_ratio(lambda: pruned.encode_text(tokens), lambda: dense.encode_text(tokens), warmup, repeats)
     return {"ratio": {"image": image["ratio"], "text": text["ratio"]},
+            "range": {"image": [image["ratio_min"], image["ratio_max"]], "text": [text["ratio_min"], text["ratio_max"]]},
             "pruned_ms": {"image_batch": 1000 * image["a_seconds"], "text_batch": 1000 * text["a_seconds"]},
             "dense_ms": {"image_batch": 1000 * image["b_seconds"], "text_batch": 1000 * text["b_seconds"]}}
 
@@ -249,7 +252,8 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     with ``latency_ms`` measured on its own. With it: ``dense`` and ``pruned`` (the final model: all of
     :func:`model_metrics`, plus kept MAC fraction of the searched towers, params ratio, ``latency_ratio``
     pruned/dense, file size), both ``latency_ms`` from the same interleaved rounds (text timed once when
-    the final text tower is the dense one, see :func:`compare_latency`); ``dense_file_mb``;
+    the final text tower is the dense one, see :func:`compare_latency`); ``latency_rounds`` (the min-max of
+    the per-round ratios, the round count and the 1-minute load average when the timing began); ``dense_file_mb``;
     ``before_distill`` (accuracy of the model in ``before_distill_dir``, when given); ``steps`` (accuracy of
     the dense model under each step's masks, when ``steps``) and ``pruning_time_s`` (wall time of each
     pruning stage in seconds, as given in ``pruning_times``). ``datasets`` (extra
@@ -292,12 +296,14 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     same_text = final_text.fingerprint is not None and final_text.fingerprint == text_tower_fingerprint(dense)
     if same_text:
         log("final model: text tower unchanged: its text latency is the dense one's (ratio 1), timed once")
-    timed = {"ratio": None, "pruned_ms": None, "dense_ms": None}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # how busy the machine was at the start
+    timed = {"ratio": None, "pruned_ms": None, "dense_ms": None, "range": None}
     if ctx.is_main:
         with _whole_machine_threads(ctx):
             timed = compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
     ctx.barrier()
     pruned["latency_ratio"] = timed["ratio"]
+    report["latency_rounds"] = {"ratio_range": timed["range"], "rounds": latency_repeats, "load_average_1m": load}
     pruned["latency_ms"] = timed["pruned_ms"]
     report["dense"]["latency_ms"] = timed["dense_ms"]
     pruned["file_mb"] = file_size_mb(final_dir)
@@ -341,13 +347,15 @@ def null_metric_notes(metrics: dict, path: str = "") -> list[str]:
     return notes
 
 
-def summary_metrics(metrics: dict, method: str, constraint: float | None) -> dict:
-    """One flat block of the figures that compare runs (``dvc exp show`` columns ``summary.*``).
+def summary_metrics(metrics: dict, method: str, constraint: float | None,
+                    towers: Sequence[str] | None = None) -> dict:
+    """One flat block of the run's headline figures (``summary`` in metrics.json; the report stage names the
+    method from it, and the summary stage reads method, constraint and towers).
 
     ``metrics`` is the evaluate stage's nested dict (``dense`` and, after pruning, ``pruned``: the final
     model, after distillation when that ran, with ``before_distill`` accuracy). Percentages
-    are 0-100; ``params_m`` in millions; ratios pruned / dense. Keys whose source is missing (no zero-shot
-    split, no pruned model) are left out rather than guessed.
+    are 0-100; ``params_m`` in millions; ratios pruned / dense, per encoder; ``towers`` the towers the search
+    pruned. Keys whose source is missing (no zero-shot split, no pruned model) are left out rather than guessed.
     """
     def pct(value):
         return None if value is None else 100.0 * value
@@ -357,6 +365,7 @@ def summary_metrics(metrics: dict, method: str, constraint: float | None) -> dic
     summary = {
         "method": method,
         "constraint": constraint,
+        "towers": list(towers) if towers is not None else None,
         "mac_pct": pct(pruned.get("kept_mac_fraction")) if pruned is not None else 100.0,
         "params_m": final.get("complexity", {}).get("params", 0) / 1e6,
         "params_pct": pct(pruned.get("params_ratio")) if pruned is not None else 100.0,
@@ -365,7 +374,8 @@ def summary_metrics(metrics: dict, method: str, constraint: float | None) -> dic
         "dense_top1": pct(dense.get("zeroshot", {}).get("acc1")),
         "r1_t2i": pct(final.get("retrieval", {}).get("image_retrieval_recall@1")),
         "r1_i2t": pct(final.get("retrieval", {}).get("text_retrieval_recall@1")),
-        "latency_ratio": (pruned.get("latency_ratio", {}).get("image") if pruned is not None else 1.0),
+        "latency_ratio_image": (pruned.get("latency_ratio", {}).get("image") if pruned is not None else 1.0),
+        "latency_ratio_text": (pruned.get("latency_ratio", {}).get("text") if pruned is not None else 1.0),
         "pruning_time_s": metrics.get("pruning_time_s", {}).get("total"),
     }
     return {key: value for key, value in summary.items() if value is not None}

@@ -69,9 +69,17 @@ def plot_kept_units(kept: dict[str, dict], path: str | Path, dpi: int = 100) -> 
     return matrices
 
 
+STEP_LABELS = {"search": "searched", "rearranged": "rearranged", "tuned": "tuned"}
+
+
+def _has_path(entry: dict, key: tuple[str, str]) -> bool:
+    return isinstance(entry.get(key[0]), dict) and entry[key[0]].get(key[1]) is not None
+
+
 def plot_accuracy_vs_mac(metrics: dict, path: str | Path, dpi: int = 100) -> list[dict]:
-    """Top-1 (or text→image R@1 without a zero-shot split) against kept MAC % for the dense model, each
-    pruning step's masks and the exported model; returns the plotted points."""
+    """Top-1 (or text→image R@1 without a zero-shot split) against kept MAC % for the dense model, the dense
+    model under each step's masks (searched / rearranged / tuned), the exported model and, when
+    distillation ran, the distilled one; each point labelled by what it is. Returns the plotted points."""
     plt = _pyplot()
     key, label = ("zeroshot", "acc1"), "zero-shot top-1 (%)"
     if "zeroshot" not in metrics["dense"]:
@@ -85,8 +93,14 @@ def plot_accuracy_vs_mac(metrics: dict, path: str | Path, dpi: int = 100) -> lis
     if pruned is not None:
         kept_pct = 100.0 * pruned.get("kept_mac_fraction", 1.0)
         for step, entry in ordered_steps(metrics.get("steps", {})):
-            points.append({"name": f"{step} masks", "kept_mac_pct": kept_pct, "value": value(entry)})
-        points.append({"name": "exported", "kept_mac_pct": kept_pct, "value": value(pruned)})
+            points.append({"name": f"{STEP_LABELS.get(step, step)} masks", "kept_mac_pct": kept_pct,
+                           "value": value(entry)})
+        before = pruned.get("before_distill")
+        if before is not None and _has_path(before, key):  # distillation ran: the exported model, then the final
+            points.append({"name": "exported", "kept_mac_pct": kept_pct, "value": value(before)})
+            points.append({"name": "distilled", "kept_mac_pct": kept_pct, "value": value(pruned)})
+        else:  # no distillation: the final model is the exported one
+            points.append({"name": "exported", "kept_mac_pct": kept_pct, "value": value(pruned)})
     fig, ax = plt.subplots(figsize=(6, 4))
     markers = "osD^v<>p*"
     for i, point in enumerate(points):

@@ -113,6 +113,7 @@ def pareto_point(metrics: dict) -> dict:
 
 
 STEP_ORDER = ("search", "rearranged", "tuned")  # pipeline order; other steps follow by name
+PRUNING_ORDER = ("score", "search", "tune")  # the pruning stages of the wall-time table, in pipeline order
 
 
 def ordered_steps(steps: dict) -> list[tuple[str, dict]]:
@@ -162,8 +163,8 @@ _MODEL_ROWS = (
     ("GMACs (whole model)", ("complexity", "gmacs"), lambda v: _num(v, ".4f")),
     ("prunable GMACs", ("complexity", "prunable_gmacs"), lambda v: _num(v, ".4f")),
     ("params (M)", ("complexity", "params"), lambda v: _num(None if v is None else v / 1e6, ".3f")),
-    ("image batch latency (ms)", ("latency_ms", "image_batch"), lambda v: _num(v, ".1f")),
-    ("text batch latency (ms)", ("latency_ms", "text_batch"), lambda v: _num(v, ".1f")),
+    ("image batch latency (ms, interleaved median)", ("latency_ms", "image_batch"), lambda v: _num(v, ".1f")),
+    ("text batch latency (ms, interleaved median)", ("latency_ms", "text_batch"), lambda v: _num(v, ".1f")),
 )
 
 
@@ -191,9 +192,21 @@ def summary_markdown(metrics: dict, kept: dict[str, dict] | None) -> str:
         lines.append(f"| file size (MB, float32) | {_num(metrics.get('dense_file_mb'), '.2f')} | "
                      f"{_num(pruned.get('file_mb'), '.2f')} | {_ratio(pruned.get('file_mb'), metrics.get('dense_file_mb'))} |")
         ratios = pruned.get("latency_ratio", {})
-        lines.append(f"| latency ratio, measured interleaved (image / text) | 1 | "
-                     f"{_num(ratios.get('image'))} / {_num(ratios.get('text'))} | |")
+        spread = metrics.get("latency_rounds", {}).get("ratio_range", {})
+        for tower in ("image", "text"):
+            low_high = spread.get(tower)
+            span = f" ({_num(low_high[0])}–{_num(low_high[1])})" if low_high else ""
+            lines.append(f"| {tower} latency ratio (interleaved median; min–max over rounds) | 1 | "
+                         f"{_num(ratios.get(tower))}{span} | |")
     lines.append("")
+    rounds = metrics.get("latency_rounds")
+    if pruned is not None and rounds:
+        load = rounds.get("load_average_1m")
+        lines += [f"Latency: one measurement, the final and the dense model timed alternately over "
+                  f"{rounds.get('rounds', '?')} rounds (ms above are the medians, the ratio the median of the "
+                  f"per-round ratios, with their min–max). 1-minute load average when it began: "
+                  f"{_num(load, '.2f')}" + (" (the machine was busy: compare ratios, not milliseconds)."
+                                            if load is not None and load > 1.0 else "."), ""]
     if undefined_top5:
         lines += ["Top-5 is undefined with fewer than 5 classes (null in metrics.json; CLIP_benchmark reports "
                   "NaN).", ""]
@@ -218,11 +231,13 @@ def summary_markdown(metrics: dict, kept: dict[str, dict] | None) -> str:
 
     times = metrics.get("pruning_time_s")
     if times:
-        lines += ["## Wall time of pruning", "", "| stage | seconds |", "|---|---|"]
-        for name, seconds in times.items():
-            if name != "total":
-                lines.append(f"| {name} | {seconds:.2f} |")
+        lines += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
+        pruning = {name: s for name, s in times.items() if name not in ("total", "distill")}
+        for name in sorted(pruning, key=lambda n: (PRUNING_ORDER.index(n) if n in PRUNING_ORDER else 99, n)):
+            lines.append(f"| {name} | {pruning[name]:.2f} |")
         if "total" in times:
-            lines.append(f"| **total** | **{times['total']:.2f}** |")
+            lines.append(f"| **pruning total** ({' + '.join(pruning) or 'none'}) | **{times['total']:.2f}** |")
+        if "distill" in times:
+            lines.append(f"| **distillation total** | **{times['distill']:.2f}** |")
         lines.append("")
     return "\n".join(lines)
