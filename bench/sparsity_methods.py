@@ -51,7 +51,9 @@ COLUMNS = ("0.5", "0.75", "0.9", "0.95", "2:4")
 
 def run_label(row: dict) -> str:
     if row.get("gradual_steps"):
-        return f"{row['method']} gradual ({row['gradual_steps']} step{'s' if row['gradual_steps'] > 1 else ''} + fine-tune)"
+        overrides = ", ".join(row.get("gradual_overrides") or [])
+        return (f"{row['method']} gradual ({row['gradual_steps']} step{'s' if row['gradual_steps'] > 1 else ''} + "
+                f"fine-tune{'; ' + overrides if overrides else ''})")
     k = row.get("num_recomputations", 1)
     return row["method"] + (f" (recomputation k={k})" if k > 1 else "") + (f" on {row['model']}" if row.get("model") else "")
 
