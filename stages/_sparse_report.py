@@ -44,3 +44,9 @@ def write_sparse_and_report(stage: str, model, keys, out_dir: Path, extra: dict,
         report["semi_structured"] = check_semi_structured(reloaded, towers, images)
     write_json(report_path, report)
     return report
+
+
+def top1_text(report: dict) -> str:
+    """The sparse model's zero-shot top-1 for a stage's last line (``n/a`` without a classification split)."""
+    top1 = report["sparse"].get("zeroshot", {}).get("acc1")
+    return "n/a" if top1 is None else f"{top1:.4f}"

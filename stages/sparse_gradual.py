@@ -15,7 +15,7 @@ import torch
 
 from _common import run_stage, stage_paths
 from _evaluation import dense_settings_from_params
-from _sparse_report import write_sparse_and_report
+from _sparse_report import top1_text, write_sparse_and_report
 from clipprune.config import parse_params
 from clipprune.distill import TrainImages, distill_config, init_distributed, launch, under_torchrun
 from clipprune.distill.config import fingerprint
@@ -113,9 +113,8 @@ def main(params: dict) -> None:
         CHECKPOINT.unlink(missing_ok=True)
     finally:
         ctx.close()
-    top1 = report["sparse"].get("zeroshot", {}).get("acc1")
     print(f"sparse_gradual: {method} {mask.name} in {gradual.steps} step(s) to "
-          f"{report['sparsity']['overall']:.4f} sparsity: top-1 {'n/a' if top1 is None else f'{top1:.4f}'} in "
+          f"{report['sparsity']['overall']:.4f} sparsity: top-1 {top1_text(report)} in "
           f"{wall:.1f} s; wrote {OUT}")
 
 

@@ -12,7 +12,7 @@ import torch
 
 from _common import run_stage, stage_paths
 from _evaluation import dense_settings_from_params
-from _sparse_report import write_sparse_and_report
+from _sparse_report import top1_text, write_sparse_and_report
 from clipprune.config import parse_params
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.evaluate.dense import load_dense_evaluation
@@ -61,9 +61,8 @@ def main(params: dict) -> None:
             {**fields, "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")}},
             config.towers)
     stats, compact_bytes = report["sparsity"], report["file_bytes"]["compact"]
-    top1 = report["sparse"].get("zeroshot", {}).get("acc1")
     print(f"sparsify: {config.method} {mask.name} at {stats['overall']:.4f} sparsity: top-1 "
-          f"{'n/a' if top1 is None else f'{top1:.4f}'}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "
+          f"{top1_text(report)}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "
           f"MB dense; wrote {out_dir}")
 
 
