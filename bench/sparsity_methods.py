@@ -17,7 +17,8 @@ data/prepared/calibration.json (stage ``calibrate``); each sparse model is evalu
 R@1, I→T R@1 in %, wall and CPU time of ``sparsify``); ``--json``
 also writes them; ``--model`` replaces ``model`` (e.g. a ``pruned:`` export: sparsity stacked on structural
 pruning). ``--table FILE...`` prints the methods × sparsity grid of the README from such JSON files (a cell:
-top-1 / T→I R@1 / I→T R@1 in %, wall time; the last file wins for a repeated cell; empty cells were not run).
+top-1 / T→I R@1 / I→T R@1 in %, wall time; "–": not recorded; the last file wins for a repeated cell; empty cells
+were not run).
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def table(paths: list[str]) -> str:
     for path in paths:
         for row in json.loads(Path(path).read_text()):
             column = row["mask_type"] if row["mask_type"] != "unstructured" else repr(float(row["target"]))
-            cells.setdefault(run_label(row), {})[column] = (
-                f"{100 * row['top1']:.1f} / {100 * row['t2i_r1']:.1f} / {100 * row['i2t_r1']:.1f} "
-                f"({row['wall_time_s']:.0f} s)")
+            figures = " / ".join("–" if row.get(key) is None else f"{100 * row[key]:.1f}"
+                                 for key in ("top1", "t2i_r1", "i2t_r1"))
+            wall = row.get("wall_time_s")
+            cells.setdefault(run_label(row), {})[column] = figures + ("" if wall is None else f" ({wall:.0f} s)")
     lines = ["| method | " + " | ".join(c if c == "2:4" else f"{float(c) * 100:g} %" for c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for label, row in cells.items():
