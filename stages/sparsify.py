@@ -12,18 +12,15 @@ import torch
 
 from _common import run_stage, stage_paths
 from _evaluation import dense_settings_from_params
+from _sparse_report import top1_text, write_sparse_and_report
 from clipprune.config import parse_params
 from clipprune.errors import ClipPruneError, ParamError
-from clipprune.evaluate.complexity import file_size_bytes
 from clipprune.evaluate.dense import load_dense_evaluation
-from clipprune.evaluate.embeddings import TextEncoder
-from clipprune.evaluate.suite import accuracy_metrics, describe_text_reuse
-from clipprune.io import commit_together, staged, write_json
+from clipprune.io import commit_together
 from clipprune.models import load_model
 from clipprune.scoring import available_losses
-from clipprune.sparsity import (apply_weights, available_methods, check_target, load_sparse, save_sparse,
-                                sparsity_config, sparsity_stats, target_name)
-from clipprune.sparsity.export import check_same_model, dense_size_bytes, read_target
+from clipprune.sparsity import apply_weights, available_methods, check_target, sparsity_config, target_name
+from clipprune.sparsity.export import dense_size_bytes, read_target
 
 # the target and every path come from the stage's cmd in dvc.yaml (a foreach stage: one per target, so they are
 # read when the stage runs, not at import); "dense" is the dense model's cached evaluation (stage evaluate_dense)
@@ -48,38 +45,24 @@ def main(params: dict) -> None:
         raise ClipPruneError(f"{weights_path}: written for other params (model or sparsity); rerun sparse_prune")
     settings = dense_settings_from_params(p)
     baseline = load_dense_evaluation(dense_dir, settings.inputs())
-    data, batch_size = settings.data, settings.batch_size
     torch.manual_seed(p.seed)
     model = load_model(model_name)
     dense_bytes = dense_size_bytes(model)
     apply_weights(model, weights, config.towers)
     keys = [meta["meta"]["state_keys"][layer] for layer in weights]
+    mask = config.mask
+    fields = {"target": target, "method": config.method, "mask_type": mask.name,
+              "target_applies": mask.kind != "nm"}  # N:M fixes the sparsity at (M-N)/M whatever the target
     with commit_together():  # the compact model and its report: both or neither
-        save_sparse(model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
-                                                        "mask_type": config.mask.name}})
-        reloaded = load_sparse(staged(out_dir))  # read back before it is renamed into place
-        check_same_model(reloaded, model, str(out_dir))  # bit-identical, not merely close
-        text = TextEncoder(reloaded, batch_size, baseline.text)
-        print(f"sparsify: {describe_text_reuse('sparse model', text)}")
-        mask = config.mask
-        stats = sparsity_stats(weights, (mask.n, mask.m) if mask.kind == "nm" else None)
-        compact_bytes = file_size_bytes(staged(out_dir))
-        report = {
-            "target": target, "method": config.method, "mask_type": mask.name,
-            "target_applies": mask.kind != "nm",  # N:M fixes the sparsity at (M-N)/M whatever the target
-            "sparsity": stats,
-            # not "dense": reports/metrics.json has that block, and equal key paths in several metrics files
-            # make `dvc exp show` prefix the column with the file name
-            "dense_reference": {key: baseline.metrics[key] for key in ("zeroshot", "retrieval")
-                                if key in baseline.metrics},
-            "sparse": accuracy_metrics(reloaded, data, batch_size=batch_size, label="sparse model", text=text),
-            "file_bytes": {"compact": compact_bytes, "dense": dense_bytes, "ratio": compact_bytes / dense_bytes},
-            "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")},
-        }
-        write_json(report_path, report)
-    top1 = report["sparse"].get("zeroshot", {}).get("acc1")
+        report = write_sparse_and_report(
+            "sparsify", model, keys, out_dir, {"sparsity": {"target": target, "method": config.method,
+                                                            "mask_type": mask.name}},
+            weights, mask, baseline, settings, dense_bytes, report_path,
+            {**fields, "method_meta": {k: v for k, v in meta["meta"].items() if k not in ("layers", "state_keys")}},
+            config.towers)
+    stats, compact_bytes = report["sparsity"], report["file_bytes"]["compact"]
     print(f"sparsify: {config.method} {mask.name} at {stats['overall']:.4f} sparsity: top-1 "
-          f"{'n/a' if top1 is None else f'{top1:.4f}'}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "
+          f"{top1_text(report)}; {compact_bytes / 1e6:.2f} MB vs {dense_bytes / 1e6:.2f} "
           f"MB dense; wrote {out_dir}")
 
 

@@ -1,9 +1,11 @@
-"""Smoke test of bench/kwon_vitb32.py: the --quick run exits 0 and prints the three ratio lines.
+"""Smoke tests of the bench scripts: bench/kwon_vitb32.py --quick prints the three ratio lines; the sparsity grid
+table renders; the 2:4 GPU bench exits 0 without a GPU.
 
 No assertion on the timings themselves (they depend on the machine and its load).
 """
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -37,3 +39,25 @@ def test_kwon_bench_rejects_too_few_samples():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--samples" in proc.stderr
+
+
+def test_sparsity_grid_table_and_the_gpu_bench_without_a_gpu(tmp_path):
+    """bench/sparsity_methods.py --table renders the README grid from rows; semi_structured_24.py exits 0 with its
+    reason when CUDA is hidden."""
+    bench = SCRIPT.parent
+    rows = [{"method": "cap", "num_recomputations": 1, "mask_type": "unstructured", "target": 0.9, "top1": 0.883,
+             "t2i_r1": 0.048, "i2t_r1": 0.05, "wall_time_s": 82.0, "gradual_steps": 0, "model": None},
+            {"method": "cap", "num_recomputations": 1, "mask_type": "2:4", "target": 0.5, "top1": 0.964,
+             "t2i_r1": None, "i2t_r1": None, "wall_time_s": None, "gradual_steps": 1, "model": None,
+             "gradual_overrides": ["num_samples=null"]}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    proc = subprocess.run([sys.executable, str(bench / "sparsity_methods.py"), "--table", str(tmp_path / "rows.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "| method | 50 % | 75 % | 90 % | 95 % | 2:4 |", "|---|---|---|---|---|---|",
+        "| cap |  |  | 88.3 / 4.8 / 5.0 (82 s) |  |  |",
+        "| cap gradual (1 step + fine-tune; num_samples=null) |  |  |  |  | 96.4 / – / – |"]
+    gpu = subprocess.run([sys.executable, str(bench / "semi_structured_24.py")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert gpu.returncode == 0 and "file size, not speed" in gpu.stderr, gpu.stderr[-2000:]

@@ -147,7 +147,7 @@ def test_every_key_misspelled_is_refused_with_did_you_mean(key):
     ((("tune.lsq", DELETE), ("tune.lqs", True)), "tune.lqs: unknown key; did you mean `lsq`?"),
     ((("report.resolution", 300),), "report.resolution: unknown key; known: dpi"),
     ((("shiny", 1),), "shiny: unknown top-level key; known: seed, model, model_files, data, calibrate, score, "
-                      "search, tune, evaluate, onnx, report, distill, sparsity"),
+                      "search, tune, evaluate, onnx, report, distill, sparsity, gradual"),
     ((("data.archives", [{"source": "a.zip", "sha": None}]),),
      "data.archives[0].sha: unknown key; did you mean `sha256`?"),
     ((("evaluate.datasets", [{"name": "x", "type": "coco_karpathy", "root": "data/eval/x",

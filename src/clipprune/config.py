@@ -192,9 +192,11 @@ def _mapping(what: str) -> Callable:
     return check
 
 
-def _registry(key: str) -> Callable:
+def _registry(key: str, nullable: bool = False) -> Callable:
     """A registered name: checked against ``choices[key]`` when the caller passed them (see module doc)."""
     def check(value, info: ValidationInfo):
+        if value is None and nullable:
+            return None
         if not isinstance(value, str) or not value:
             raise _Invalid(f"must be a non-empty string, got {_got(value, True)}")
         names = ((info.context or {}).get("choices") or {}).get(key)
@@ -778,8 +780,8 @@ def check_targets(values, key: str = "sparsity.targets") -> tuple[float, ...]:
     return tuple(sorted(targets))
 
 
-def _mask_type(value):
-    parse_mask_type(value)
+def _mask_type(value, key: str = "sparsity.mask_type"):
+    parse_mask_type(value, key)
     return value
 
 
@@ -845,6 +847,37 @@ class SparsitySection(_Section):
         return parse_mask_type(self.mask_type)
 
 
+GRADUAL_RAMPS = ("cubic", "linear")
+
+
+class GradualSection(_Section):
+    """The ``gradual`` section (stage sparse_gradual): prune in ``steps`` steps from ``initial`` to ``final``
+    sparsity with the ``sparsity`` method, fine-tuning against the dense model (``distill`` loss and optimiser
+    options) for ``epochs`` after each step; ``steps: 1`` is one-shot + fine-tune."""
+
+    method: _typed(str | None, _registry("sparsity.method", nullable=True)) = "magnitude"  # null: sparsity.method
+    mask_type: _typed(str, lambda value: _mask_type(value, "gradual.mask_type")) = "unstructured"  # this stage's pattern (sparsity.mask_type is sparse_prune's)
+    initial: _typed(float, _float(0.0, 1.0, high_open=True)) = 0.5
+    final: _typed(float, _float(0.0, 1.0, low_open=True, high_open=True)) = 0.9
+    steps: _typed(int, _int(1, RECOMPUTATIONS_MAX)) = 2
+    epochs: _typed(int, _int(1, EPOCHS_MAX)) = 1
+    ramp: _choice_type(*GRADUAL_RAMPS) = "cubic"
+    num_samples: OptionalSamples = 64  # fine-tuning images (seeded subset of the train split); null = all
+    num_grads: _typed(int, _sparsity_int(1, NUM_GRADS_MAX)) = 64  # per-sample gradients per pruning step
+    warmup_steps: _typed(int, _int(0)) = 0  # of each fine-tuning run (distill.warmup_steps is the distill stage's)
+
+    @model_validator(mode="after")
+    def _ramp_goes_up(self):
+        if self.final < self.initial:
+            raise ParamError(f"gradual.final must be >= gradual.initial ({self.initial}): sparsity only grows, "
+                             f"got {self.final}")
+        if self.steps > 1 and parse_mask_type(self.mask_type, "gradual.mask_type").kind == "nm":
+            raise ParamError(f"gradual.steps must be 1 (one-shot + fine-tune) with an N:M gradual.mask_type "
+                             f"({self.mask_type} fixes the sparsity; there is no schedule of sparsities), "
+                             f"got {self.steps}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------ the whole file
 class Params(BaseModel):
     """All of params.yaml. A field is None when its key is absent (defaults are not validated; an explicit
@@ -865,6 +898,7 @@ class Params(BaseModel):
     report: ReportSection = ReportSection()
     distill: DistillSection = None
     sparsity: SparsitySection = None
+    gradual: GradualSection = None
 
     @model_validator(mode="after")
     def _score_files_in_the_data(self):

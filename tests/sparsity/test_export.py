@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from clipprune.errors import ClipPruneError
+from clipprune.errors import ClipPruneError, MaskError
 from clipprune.sparsity import (apply_weights, available_methods, load_sparse, pack_sparse, parse_config,
                                 save_sparse, sparsify, unpack_sparse)
-from clipprune.sparsity.export import WEIGHTS_NAME, dense_size_bytes
+from clipprune.sparsity.export import WEIGHTS_NAME, check_same_model, dense_size_bytes
 from clipprune.sparsity.layers import parameter_names, prunable_linears
 from clipprune.evaluate.complexity import file_size_bytes
 
@@ -77,3 +77,44 @@ def test_corrupt_exports_fail_with_one_line(sparse_model, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ClipPruneError, match="not found"):
         load_sparse(tmp_path / "missing")
+
+
+def _pruned_export(tmp_path, neurons_kept):
+    """The tiny model pruned structurally (heads 0 and 2 of layer 0, the first ``neurons_kept`` of 128 MLP
+    neurons per layer), exported and loaded back as ``pruned:`` would."""
+    from clipprune.models.pruned import export_pruned, load_pruned
+
+    model = tiny_open_clip(seed=0)
+    heads = torch.ones(2, 4)
+    heads[0, [1, 3]] = 0
+    neurons = torch.zeros(2, 128)
+    for layer, kept in enumerate(neurons_kept):
+        neurons[layer, :kept] = 1
+    return load_pruned(export_pruned(model, {"vision.head": heads, "vision.neuron": neurons}, tmp_path / "pruned"))
+
+
+def test_sparsity_stacks_on_a_structurally_pruned_export(tmp_path):
+    pruned = _pruned_export(tmp_path, (64, 40))
+    config = parse_config({"method": "magnitude", "targets": [0.5], "mask_type": "2:4"}, available_methods())
+    weights = sparsify(pruned, config, None, progress=False).weights[0.5]
+    assert weights["vision.0.out_proj"].shape == (64, 32) and weights["vision.1.fc2"].shape == (64, 40)
+    apply_weights(pruned, weights, ["vision"])
+    keys = list(parameter_names(pruned, prunable_linears(pruned, ["vision"])).values())
+    out = save_sparse(pruned, keys, tmp_path / "sparse")
+    assert json.loads((out / "config.json").read_text())["towers"]["vision"]["layers"][0]["head_index"] == [0, 2]
+    loaded = load_sparse(out)
+    check_same_model(loaded, pruned, "stacked")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), pruned.encode_image(images))
+    # a dense model's sparse export keeps the format it had (no widths stored)
+    dense = tiny_open_clip(seed=0)
+    assert "towers" not in json.loads((save_sparse(dense, [], tmp_path / "dense") / "config.json").read_text())
+
+
+def test_nm_on_a_pruned_width_that_is_no_multiple_of_m_names_the_layer(tmp_path):
+    pruned = _pruned_export(tmp_path, (64, 30))
+    config = parse_config({"method": "magnitude", "targets": [0.5], "mask_type": "2:4"}, available_methods())
+    with pytest.raises(MaskError, match=r"^sparsity.mask_type=2:4: layer vision.1.fc2 has 30 inputs, not a "
+                                        r"multiple of 4$"):
+        sparsify(pruned, config, None, progress=False)

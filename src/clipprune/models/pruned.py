@@ -70,6 +70,13 @@ def export_pruned(model: ClipModel, masks: Mapping[str, torch.Tensor] | None, ou
     return out_dir
 
 
+def has_dense_layout(model: ClipModel) -> bool:
+    """True when every block of ``model`` has the widths of the architecture ``export_config`` describes
+    (nothing was pruned structurally); builds that architecture once (random weights, no download)."""
+    dense = build_dense(model.export_config(), model.name, Path("."))
+    return pruned_layout(dense) == pruned_layout(model)
+
+
 def state_dtypes(model: ClipModel) -> dict[str, torch.dtype]:
     """``{state-dict key: dtype}`` of ``model``: what a weights file for it must hold (``read_safetensors``).
 
@@ -78,8 +85,9 @@ def state_dtypes(model: ClipModel) -> dict[str, torch.dtype]:
     return {key: value.dtype for key, value in model.module.state_dict().items()}
 
 
-def _masks_for_layout(model: ClipModel, towers: dict, config_path: Path) -> dict[str, torch.Tensor]:
-    """Binary masks over the dense ``model`` that reproduce the stored per-layer widths."""
+def masks_for_layout(model: ClipModel, towers: dict, config_path: Path) -> dict[str, torch.Tensor]:
+    """Binary masks over the dense ``model`` that reproduce the per-layer widths ``towers`` (a
+    :func:`pruned_layout`); ClipPruneError naming ``config_path`` when they do not fit the model."""
     masks = {}
     for tower_name, spec in towers.items():
         if tower_name not in model.towers:
@@ -141,8 +149,7 @@ def load_pruned(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         model = build_dense(config["base"], f"pruned:{out_dir}", out_dir)
     except ModelLoadError as err:
         raise ClipPruneError(f"{config_path}: {err}") from err
-    masks = _masks_for_layout(model, config["towers"], config_path)
-    prune_in_place(model, masks)
+    prune_in_place(model, masks_for_layout(model, config["towers"], config_path))
     expected = state_dtypes(model)
     state, _ = read_safetensors(weights_path, error=ClipPruneError,
                                 dtypes={**expected, "*": tuple(set(expected.values()))})  # unknown keys: below

@@ -7,6 +7,8 @@ Directory layout (``save_sparse``)::
                                 and ``K.__values__`` (the stored values in row-major order)
     out_dir/config.json         {"format", "format_version", "base": <dense export config>,
                                  "sparse": {K: {"shape": [...], "dtype": "float32", "nonzeros": int}}, ...}
+                                (+ "towers": the per-layer widths, ``models.pruned.pruned_layout``, when the
+                                model was structurally pruned first: weight sparsity stacked on a pruned export)
 
 A weight is left out only when its bits are those of +0.0, so ``-0.0`` and NaN survive and the loader
 rebuilds every tensor bit for bit. Per weight the cost is 1 bit plus the value of each kept weight: an N:M
@@ -99,8 +101,12 @@ def save_sparse(model: ClipModel, sparse_keys: Iterable[str], out_dir: str | os.
     """Write ``model`` with the state-dict tensors ``sparse_keys`` stored compactly (atomic directory)."""
     state = model.module.state_dict()
     tensors, sparse = compact_tensors(state, sparse_keys)
+    from clipprune.models.pruned import has_dense_layout, pruned_layout
+
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": model.family, "source": model.name,
               "base": model.export_config(), "sparse": sparse, **dict(extra or {})}
+    if not has_dense_layout(model):  # a structurally pruned model: its widths, as export_pruned stores them
+        config["towers"] = pruned_layout(model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -110,7 +116,8 @@ def save_sparse(model: ClipModel, sparse_keys: Iterable[str], out_dir: str | os.
 
 def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ClipModel:
     """Rebuild the dense-shaped model written by :func:`save_sparse` (offline), eval mode, on ``device``."""
-    from clipprune.models.pruned import build_dense, state_dtypes
+    from clipprune.models.prune import prune_in_place
+    from clipprune.models.pruned import build_dense, masks_for_layout, state_dtypes
 
     out_dir = Path(out_dir)
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
@@ -127,6 +134,10 @@ def load_sparse(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
     if not isinstance(config.get("base"), dict) or not isinstance(config.get("sparse"), dict):
         raise ClipPruneError(f"{config_path}: missing or malformed 'base' / 'sparse'")
     model = build_dense(config["base"], f"sparse:{out_dir}", out_dir)
+    if "towers" in config:  # weight sparsity on a structurally pruned model
+        if not isinstance(config["towers"], dict):
+            raise ClipPruneError(f"{config_path}: malformed 'towers'")
+        prune_in_place(model, masks_for_layout(model, config["towers"], config_path))
     tensors, _ = read_safetensors(weights_path, error=ClipPruneError, dtypes={
         **state_dtypes(model), f"*{MASK_SUFFIX}": torch.uint8, f"*{VALUES_SUFFIX}": FLOATING})
     state = expand_tensors(tensors, config["sparse"], str(weights_path))

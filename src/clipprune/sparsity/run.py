@@ -15,7 +15,7 @@ from .config import SparsityConfig
 from .grads import check_loss_for_towers, count_samples, per_sample_gradients
 from .inputs import InputSource
 from .layers import parameter_names, prunable_linears
-from .masks import holds_nm
+from .masks import check_alignment, holds_nm
 from .registry import GradientSource, SparsityResult, get_method
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def sparsify(model: ClipModel, config: SparsityConfig, loader=None, *, seed: int
     """
     method = get_method(config.method)
     layers = prunable_linears(model, config.towers)
+    for name, layer in layers.items():  # block4 / N:M groups on a structurally pruned model's widths: before any work
+        check_alignment(name, layer.weight, config.mask)
     if method.needs_data:
         if method.source == "gradients":
             check_loss_for_towers(config.loss, config.towers)
