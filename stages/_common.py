@@ -281,3 +281,16 @@ def run_stage(name: str, main: Callable[[dict], None], params_path: str = "param
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if _in_torchrun_worker():
+        # Outputs are written and the process group is gone: leave without C++ static destructors, where a gloo
+        # thread can still abort the worker ("terminate called without an active exception", seen once in CI)
+        # and torchrun would report a finished stage as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _in_torchrun_worker() -> bool:
+    from clipprune.distributed import under_torchrun
+
+    return under_torchrun()

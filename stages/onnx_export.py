@@ -38,8 +38,8 @@ def _eval_batches(model, p):
         return DataLoader(folder, batch_size=batch, shuffle=False), tokens, len(classnames), len(templates)
     captions = CocoCaptions(data.retrieval_images, data.retrieval_captions, transform=model.preprocess)
     loader = DataLoader(captions, batch_size=batch, shuffle=False, collate_fn=collate_image_captions)
-    texts = [caps[0] for _, batch_caps in zip(range(MAX_CAPTION_TEXTS), loader) for caps in batch_caps]
-    return ((images, None) for images, _ in loader), tokenize_texts(model, texts[:MAX_CAPTION_TEXTS]), None, 1
+    texts = [captions.captions(image_id)[0] for image_id in captions.image_ids[:MAX_CAPTION_TEXTS]]
+    return ((images, None) for images, _ in loader), tokenize_texts(model, texts), None, 1
 
 
 def main(params: dict) -> None:

@@ -4,8 +4,8 @@ Two throwaway copies run every stage (download → evaluate_dense → evaluate, 
 `dvc repro` would; the two chains run concurrently, so neither depends on running alone). Compared:
 calibration pairs, raw data, score tensors, search / rearranged / tuned masks, tune report, exported weights
 and the cached dense evaluation (metrics and text embeddings) bit for bit; file metadata and metrics.json
-exactly, except wall-clock keys (latency_ms, latency_ratio, latency_rounds, pruning_time_s and any key containing
-wall_time). Pruning params are the defaults but for 128 calibration pairs; evaluate is made cheaper (100
+exactly, except wall-clock keys (latency_ms, latency_ratio, latency_rounds, pruning_time_s, the summary block's
+latency_ratio_image / latency_ratio_text and any key containing wall_time). Pruning params are the defaults but for 128 calibration pairs; evaluate is made cheaper (100
 retrieval images, one latency repeat), which changes no pruning output.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ PRUNED = "artifacts/models/pruned"
 DISTILLED = "artifacts/models/distilled"
 DENSE_EVAL = "artifacts/eval/dense"
 NUM_SAMPLES = 128  # calibration pairs (4 score batches): enough for every stage to do real work, and quick
-TIMING_KEYS = {"latency_ms", "latency_ratio", "latency_rounds", "pruning_time_s"}
+TIMING_KEYS = {"latency_ms", "latency_ratio", "latency_rounds", "pruning_time_s", "latency_ratio_image",
+               "latency_ratio_text"}
 
 
 def without_timing(obj):

@@ -228,8 +228,11 @@ def start_writer(tmp_path: Path, target: Path, is_dir: bool) -> subprocess.Popen
     params.write_text("seed: 0\n")
     code = WRITER.format(stages=str(REPO / "stages"), writer="atomic_dir" if is_dir else "atomic_path",
                          target=str(target), is_dir=is_dir, params=str(params))
+    # SIGINT back to its default in the child: a shell's Ctrl-C reaches a stage so, whereas a test worker may have
+    # inherited it ignored from whatever started it (then Python never installs its KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()
     if line.strip() != "writing":
         proc.kill()
