@@ -88,8 +88,8 @@ def gradual_run(raw: dict, p, config, model, loader, method: str, steps: int, ta
         data = TrainImages(p.data.path("train_images"), p.data.path("train_captions"), model.preprocess,
                            gradual.num_samples, p.seed)
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = run_gradual(work, teacher, config, gradual, distill_config(q.distill, q.seed), loader, data,
-                             seed=p.seed, progress=False)
+        run_gradual(work, teacher, config, gradual, distill_config(q.distill, q.seed), loader, data,
+                    seed=p.seed, progress=False)
         wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - cpu_start
         out[target] = work
     return out, wall, cpu

@@ -1,5 +1,4 @@
 """ONNX export of pruned models of both families, checked in ONNX Runtime against PyTorch."""
-import numpy as np
 import pytest
 import torch
 from torch import nn
