@@ -238,6 +238,17 @@ def _whole_machine_threads(ctx):
         torch.set_num_threads(threads)
 
 
+def _on_main_rank(ctx, measure, default=None):
+    """Data parallel: rank 0 alone runs ``measure`` (a latency timing) with every process's threads while the
+    others wait at a barrier and get ``default``: rank 0 is the only one that writes the report."""
+    result = default
+    if ctx.is_main:
+        with _whole_machine_threads(ctx):
+            result = measure()
+    ctx.barrier()
+    return result
+
+
 def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalData, *,
                       final_dir: Path | None = None, before_distill_dir: Path | None = None,
                       mask_files: dict[str, Path] | None = None, steps: bool = True,
@@ -267,14 +278,9 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     latency = dict(batch_size=latency_batch, warmup=latency_warmup, repeats=latency_repeats, seed=seed)
     reallocate_tensors(dense.eval())  # as evaluate_dense did, so that its masked steps can reuse the texts
     report = {"dense": dict(baseline.metrics)}
-    # data parallel: latency is timed by rank 0 alone (the others wait), the only one that writes the report
-    ctx = current()
+    ctx = current()  # data parallel: latency is timed by rank 0 alone (_on_main_rank)
     if final_dir is None:
-        report["dense"]["latency_ms"] = None
-        if ctx.is_main:
-            with _whole_machine_threads(ctx):
-                report["dense"]["latency_ms"] = measure_model_latency(dense, **latency)
-        ctx.barrier()
+        report["dense"]["latency_ms"] = _on_main_rank(ctx, lambda: measure_model_latency(dense, **latency))
         return report
 
     def text_for(model: ClipModel, label: str) -> TextEncoder:
@@ -297,11 +303,9 @@ def evaluation_report(dense: ClipModel, baseline: DenseEvaluation, data: EvalDat
     if same_text:
         log("final model: text tower unchanged: its text latency is the dense one's (ratio 1), timed once")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # how busy the machine was at the start
-    timed = {"ratio": None, "pruned_ms": None, "dense_ms": None, "range": None}
-    if ctx.is_main:
-        with _whole_machine_threads(ctx):
-            timed = compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats, seed, same_text)
-    ctx.barrier()
+    timed = _on_main_rank(ctx, lambda: compare_latency(final, dense, latency_batch, latency_warmup, latency_repeats,
+                                                       seed, same_text),
+                          default=dict.fromkeys(("ratio", "pruned_ms", "dense_ms", "range")))
     pruned["latency_ratio"] = timed["ratio"]
     report["latency_rounds"] = {"ratio_range": timed["range"], "rounds": latency_repeats, "load_average_1m": load}
     pruned["latency_ms"] = timed["pruned_ms"]
