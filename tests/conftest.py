@@ -51,12 +51,26 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedPipelineScheduling(config, log)
 
 
+# the shared pipeline's one change to params.yaml: CAP's Fisher from 64 gradients instead of 512 (the
+# calibration set) takes sparse_prune from ~80 s to ~15 s, the longest stage of the CI's critical path; what the
+# shared files test (stages, caching, reports, experiments) does not depend on it
+SHARED_PIPELINE_PARAMS = {"sparsity": {"num_grads": 64}}
+
+
 @pytest.fixture(scope="session")
 def default_pipeline(tmp_path_factory):
     """A throwaway copy of the repo with the embedded default reproduced (`dvc repro`, log in repro.log next
-    to it), built once per worker and shared by the ``SHARED_PIPELINE`` files, which one worker runs."""
-    from pipeline_utils import copy_repo, dvc
+    to it; ``SHARED_PIPELINE_PARAMS`` applied and committed first), built once per worker and shared by the
+    ``SHARED_PIPELINE`` files, which one worker runs."""
+    import yaml
+
+    from pipeline_utils import copy_repo, dvc, git
 
     repo = copy_repo(tmp_path_factory.mktemp("default_pipeline") / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in SHARED_PIPELINE_PARAMS.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "commit", "-qam", "shared pipeline params")
     (repo.parent / "repro.log").write_text(dvc(repo, "repro").stdout)
     return repo
