@@ -3,11 +3,14 @@
 Gradients and Fisher inverses are computed once; the new weights of every target are written compactly
 to artifacts/sparse/pruned.safetensors (keys ``<target>/<layer>``), which the `sparsify` stages export
 and evaluate one target each.
+
+`sparsity.nproc > 1` relaunches this script under torchrun: each process computes every nproc-th calibration
+batch's gradients (or layer inputs), every process receives them all in batch order and runs the same method on
+the same numbers, and rank 0 alone writes the outputs.
 """
 import json
 
-
-from _common import run_stage, stage_paths
+from _common import data_parallel_stage, relaunch, run_stage, stage_paths
 from clipprune.config import parse_params
 from clipprune.io import commit_together, save_safetensors, write_json
 from clipprune.models import load_model
@@ -23,12 +26,22 @@ def main(params: dict) -> None:
     p = parse_params(params, need=("seed", "model", "data", "sparsity"),
                      choices={"sparsity.method": available_methods(), "sparsity.loss": available_losses()})
     model_name, seed, config = p.model, p.seed, sparsity_config(p.sparsity)
-    model = load_model(model_name)
-    loader = None
-    if get_method(config.method).needs_data:
-        loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"), CALIBRATION,
-                                    model.preprocess, config.batch_size)
-    result = sparsify(model, config, loader, seed=seed)
+    nproc = p.sparsity.nproc
+    if relaunch("sparse_prune", nproc, {"calibration": CALIBRATION, "out": OUT, "timing": TIMING}):
+        print(f"sparse_prune: {nproc} processes finished; wrote {OUT}")
+        return
+    with data_parallel_stage() as ctx:
+        model = load_model(model_name)
+        loader = None
+        if get_method(config.method).needs_data:
+            loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"), CALIBRATION,
+                                        model.preprocess, config.batch_size)
+        result = sparsify(model, config, loader, seed=seed, progress=ctx.is_main)
+    if ctx.is_main:
+        _write(result, config, model_name, seed)
+
+
+def _write(result, config, model_name: str, seed: int) -> None:
     meta = dict(result.meta)
     wall = meta.pop("wall_time_s")
     tensors = {}

@@ -84,6 +84,16 @@ class DistContext:
         torch.distributed.all_reduce(out)
         return out / self.world
 
+    def share_of_machine(self, amount: int) -> int:
+        """This process's share of a resource the processes of one machine share (free memory, free disk), the
+        same on every rank: the smallest ``amount // processes on the machine`` over the ranks (torchrun's
+        ``LOCAL_WORLD_SIZE``), so that plans made from it agree. One process: ``amount``."""
+        if self.world == 1:
+            return amount
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        share = torch.tensor([amount // max(local, 1)], dtype=torch.int64)
+        return min(int(part[0]) for part in self._all_gather_fixed(share))
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of ``tensor`` over the processes (a new tensor, on ``tensor``'s device).
 
@@ -96,6 +106,15 @@ class DistContext:
         out = tensor.detach().to(self.comm_device).clone()
         torch.distributed.all_reduce(out)
         return out.to(tensor.device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` on every rank; the other ranks pass a tensor of the same shape and dtype (its
+        values are ignored). Returns a tensor on ``tensor``'s device (one process: ``tensor`` itself)."""
+        if self.world == 1:
+            return tensor
+        buffer = tensor.detach().to(self.comm_device).contiguous()
+        torch.distributed.broadcast(buffer, src=src)
+        return buffer.to(tensor.device)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's ``tensor`` along dim 0 in rank order; gradients flow back to owners."""
@@ -244,6 +263,30 @@ class shard_batches:
         for index, batch in enumerate(loader):
             if ctx.owns(index):
                 yield index, batch
+
+
+def shard_rounds(loader: Iterable, ctx: DistContext | None = None) -> Iterator[tuple[list[int], tuple[int, Any] | None]]:
+    """``shard_batches`` in lockstep rounds, for work combined batch by batch in the original order while each
+    rank holds one batch at a time (CAP's per-sample gradients, SparseGPT's input statistics).
+
+    Round ``k`` holds batches ``k·N ... k·N + N − 1``, batch ``k·N + r`` on rank ``r``. Yields per round
+    ``(sizes, mine)``: the sizes (``len(batch[0])``) of the round's batches in order, the same on every rank (the
+    last round may be shorter), and this rank's ``(index, batch)`` or None. Every rank must consume the same
+    rounds (a collective per round). One process: one batch per round, no communication.
+    """
+    ctx = ctx or current()
+    batches = iter(shard_batches(loader, ctx))
+    while True:
+        mine = next(batches, None)
+        size = len(mine[1][0]) if mine is not None else -1  # -1: no batch left (0 is a real, empty batch)
+        if ctx.world == 1:
+            sizes = [size]
+        else:
+            sizes = [int(s[0]) for s in ctx._all_gather_fixed(torch.tensor([size], dtype=torch.int64))]
+        sizes = sizes[:sizes.index(-1)] if -1 in sizes else sizes  # batch i is on rank i mod N: gaps only at the end
+        if not sizes:
+            return
+        yield sizes, mine
 
 
 def under_torchrun() -> bool:

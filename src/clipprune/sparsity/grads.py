@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from clipprune.distributed import DistContext, current, shard_rounds
 from clipprune.errors import ClipPruneError, DataError, ParamError
 from clipprune.models.base import ClipModel
 from clipprune.progress import progress_bar
@@ -59,15 +60,25 @@ class _LazyGrads(Mapping):
     Every layer is in ``store`` (``per_sample_gradients`` checks it before yielding). ``accessed`` and
     ``nonzero`` (shared by the batches of one pass) collect the layers read, and those with any non-zero
     row, for the whole-set zero-gradient check.
+
+    Data parallel: the batch was computed by rank ``owner`` alone (``store`` is None on the others); reading a
+    layer broadcasts its rows from the owner, so every rank must read the same layers in the same order (the
+    sparsity methods are deterministic and run on every rank).
     """
 
-    def __init__(self, layers, store: dict, batch: int, keep: int, accessed: set, nonzero: set):
+    def __init__(self, layers, store: dict | None, batch: int, keep: int, accessed: set, nonzero: set,
+                 owner: int = 0, ctx: DistContext | None = None):
         self._layers, self._store, self._batch, self._keep = layers, store, batch, keep
         self._accessed, self._nonzero = accessed, nonzero
+        self._owner, self._ctx = owner, ctx or DistContext()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        x, delta = self._store[name]
-        rows = _per_sample(x, delta, self._batch)[:self._keep].to("cpu", torch.float32)
+        if self._store is not None:
+            x, delta = self._store[name]
+            rows = _per_sample(x, delta, self._batch)[:self._keep].to("cpu", torch.float32)
+        else:
+            rows = torch.empty(self._keep, *self._layers[name].weight.shape, dtype=torch.float32)
+        rows = self._ctx.broadcast(rows, src=self._owner)
         self._accessed.add(name)
         if name not in self._nonzero and bool(rows.any()):
             self._nonzero.add(name)
@@ -147,54 +158,68 @@ def per_sample_gradients(model: ClipModel, loader, layers: Mapping[str, nn.Linea
                          desc: str = "sparsity grads") -> Iterator[dict[str, torch.Tensor]]:
     """Yield, per batch, ``{layer name: [rows, out, in]}`` float32 per-sample gradients of ``layers``.
 
-    Stops after ``num_grads`` rows in all (the last batch is cut); the data order is the loader's.
+    Stops after ``num_grads`` rows in all (the last batch is cut); the data order is the loader's. Under an
+    active ``clipprune.distributed.data_parallel`` context with several processes, batch ``i`` is computed by
+    rank ``i mod N`` and every rank yields every batch, in the same order (``shard_rounds``, ``_LazyGrads``):
+    what a consumer sums over batches is the same floats as in one process.
     """
     loss_fn = get_loss_checked(loss)
     check_loss_options(loss, dict(loss_options or {}))
     check_loss_for_towers(loss, {name.partition(".")[0] for name in layers})
     device = next(model.parameters()).device
     names = list(layers)
+    ctx = current()
     seen = 0
     accessed: set = set()
     nonzero: set = set()
     total = count_samples(loader)
+
+    def forward_backward(index: int, images, captions) -> dict:
+        """``{layer: (x, δ)}`` of one batch."""
+        if not isinstance(images, torch.Tensor):
+            raise DataError(f"sparsity: batch {index} holds {type(images).__name__} images, expected a "
+                            f"tensor (build the dataset with the model's preprocess transform)")
+        batch = images.shape[0]
+        if loss_fn.min_batch > batch:
+            raise ParamError(f"sparsity.batch_size: a batch of {batch} is too small for "
+                             f"sparsity.loss={loss} (needs {loss_fn.min_batch})")
+        images = images.to(device)
+        store: dict = {}
+        ran: set = set()
+        with _capture(layers, store, ran):
+            image_features = model.encode_image(images)
+            text_features = None
+            if loss_fn.uses_text:
+                tokens = captions if isinstance(captions, torch.Tensor) else model.tokenizer(list(captions))
+                text_features = model.encode_text(tokens.to(device))
+            value = loss_fn(image_features, text_features, model.logit_scale.detach(), **dict(loss_options or {}))
+            if not torch.isfinite(value):
+                raise ClipPruneError(f"sparsity: non-finite loss in calibration batch {index}")
+            torch.autograd.grad(value * batch, weights, allow_unused=True)
+        _check_captured(names, ran, store, index, loss)
+        return store
+
     with frozen_parameters(model):
         weights = [layers[n].weight for n in names]
         for w in weights:
             w.requires_grad_(True)
         bar = progress_bar(total=min(num_grads, total) if total else num_grads, desc=desc, unit="grad",
-                           enabled=progress)
+                           enabled=progress and ctx.is_main)
         try:
-            for index, (images, captions) in enumerate(loader):
+            # data parallel: each rank computes one batch of the round, the rows reach every rank in batch order
+            for sizes, mine in shard_rounds(loader, ctx):
                 if seen >= num_grads:
                     break
-                if not isinstance(images, torch.Tensor):
-                    raise DataError(f"sparsity: batch {index} holds {type(images).__name__} images, expected a "
-                                    f"tensor (build the dataset with the model's preprocess transform)")
-                batch = images.shape[0]
-                if loss_fn.min_batch > batch:
-                    raise ParamError(f"sparsity.batch_size: a batch of {batch} is too small for "
-                                     f"sparsity.loss={loss} (needs {loss_fn.min_batch})")
-                images = images.to(device)
-                store: dict = {}
-                ran: set = set()
-                with _capture(layers, store, ran):
-                    image_features = model.encode_image(images)
-                    text_features = None
-                    if loss_fn.uses_text:
-                        tokens = captions if isinstance(captions, torch.Tensor) else model.tokenizer(list(captions))
-                        text_features = model.encode_text(tokens.to(device))
-                    value = loss_fn(image_features, text_features, model.logit_scale.detach(),
-                                    **dict(loss_options or {}))
-                    if not torch.isfinite(value):
-                        raise ClipPruneError(f"sparsity: non-finite loss in calibration batch {index}")
-                    torch.autograd.grad(value * batch, weights, allow_unused=True)
-                _check_captured(names, ran, store, index, loss)
-                keep = min(batch, num_grads - seen)
-                out = _LazyGrads(layers, store, batch, keep, accessed, nonzero)
-                seen += keep
-                bar.update(keep)
-                yield out
+                store = forward_backward(mine[0], *mine[1]) if mine is not None else None
+                for owner, batch in enumerate(sizes):
+                    keep = min(batch, num_grads - seen)
+                    if keep <= 0:
+                        break
+                    out = _LazyGrads(layers, store if owner == ctx.rank else None, batch, keep, accessed, nonzero,
+                                     owner, ctx)
+                    seen += keep
+                    bar.update(keep)
+                    yield out
         finally:
             bar.close()
             for w in weights:

@@ -7,6 +7,10 @@ made. ``prune_sequentially`` does this on a copy of the model: one calibration f
 first ``num_samples`` calibration samples), then the block's new weights go into the copy before the next
 block's pass. Within a block, every layer's inputs come from the same pass (as in both references).
 
+Data parallel (``clipprune.distributed.data_parallel`` with several processes): each calibration pass is shared
+by batches (``shard_rounds``: batch ``i`` on rank ``i mod N``), the per-batch sums are gathered and added in batch
+order on every rank, so every rank prunes with the same statistics as one process would.
+
 Statistics: ``"gram"`` — ``Σ x xᵀ`` over tokens (``[in, in]``, SparseGPT's Hessian up to the factor 2);
 ``"sq_norm"`` — ``Σ x_j²`` per input feature (``[in]``, the squared ``‖X_j‖₂`` of Wanda).
 """
@@ -20,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from clipprune.distributed import current, shard_rounds
 from clipprune.errors import ClipPruneError, DataError
 from clipprune.models.base import ClipModel
 from clipprune.progress import progress_bar
@@ -49,30 +54,45 @@ class InputSource:
             raise ValueError(f"unknown input statistic {kind!r}")
         self.passes += 1
         sums: dict[str, torch.Tensor] = {}
-        ran: set = set()
         towers = {name.partition(".")[0] for name in layers}
         device = next(model.parameters()).device
+        ctx = current()
         seen = 0
-        with torch.no_grad(), _accumulate(layers, sums, ran, kind):
-            for index, (images, captions) in enumerate(self.loader):
+        with torch.no_grad():
+            # data parallel: each rank runs one batch of the round; the per-batch sums are gathered and added
+            # in batch order, so the statistic is the same floats as in one process
+            for sizes, mine in shard_rounds(self.loader, ctx):
                 if seen >= self.num_samples:
                     break
-                keep = min(len(images), self.num_samples - seen)
-                if "vision" in towers:
-                    model.encode_image(images[:keep].to(device))
-                if "text" in towers:
-                    tokens = captions if isinstance(captions, torch.Tensor) else model.tokenizer(list(captions))
-                    model.encode_text(tokens[:keep].to(device))
+                keeps = []
+                for size in sizes:
+                    keeps.append(max(0, min(size, self.num_samples - seen - sum(keeps))))
+                parts: dict[str, torch.Tensor] = {}
+                if mine is not None and keeps[ctx.rank] > 0:
+                    self._one_batch(model, layers, mine, keeps[ctx.rank], towers, device, kind, parts)
                 for name in layers:
-                    if name not in ran:
-                        raise ClipPruneError(f"sparsity: layer {name} was never called in calibration batch "
-                                             f"{index} (the model bypasses this module's forward), so its "
-                                             f"inputs cannot be collected")
-                ran.clear()
-                seen += keep
+                    for part in ctx.gather_batches([parts[name]] if name in parts else []):
+                        sums[name] = part if name not in sums else sums[name] + part
+                seen += sum(keeps)
         if seen == 0:
             raise DataError("sparsity: the calibration data yielded no batches")
         return sums
+
+    def _one_batch(self, model: ClipModel, layers, mine, keep: int, towers, device, kind: str, parts: dict) -> None:
+        """The statistic of the first ``keep`` samples of batch ``mine = (index, (images, captions))`` into
+        ``parts``; a layer whose forward never ran is an error."""
+        index, (images, captions) = mine
+        ran: set = set()
+        with _accumulate(layers, parts, ran, kind):
+            if "vision" in towers:
+                model.encode_image(images[:keep].to(device))
+            if "text" in towers:
+                tokens = captions if isinstance(captions, torch.Tensor) else model.tokenizer(list(captions))
+                model.encode_text(tokens[:keep].to(device))
+        for name in layers:
+            if name not in ran:
+                raise ClipPruneError(f"sparsity: layer {name} was never called in calibration batch {index} (the "
+                                     f"model bypasses this module's forward), so its inputs cannot be collected")
 
 
 @contextlib.contextmanager

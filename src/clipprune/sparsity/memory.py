@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from clipprune.distributed import current
 from clipprune.errors import ParamError
 
 from .fisher import COMPUTE_DTYPE, UPDATE_CHUNK, fisher_memory_bytes, num_blocks
@@ -29,13 +30,16 @@ SWEEP_CHUNK = 256  # blocks swept together: their float64 inverses (~5 MB at B=5
 
 
 def available_memory() -> int:
-    """Bytes of memory available to this process now (psutil: MemAvailable on Linux)."""
-    return int(psutil.virtual_memory().available)
+    """Bytes of memory available to this process now (psutil: MemAvailable on Linux); data parallel, its share
+    of the machine's, equal on every rank (each rank builds the same factors, and the ranks must make the same
+    plan: it decides how many calibration passes they make together)."""
+    return current().share_of_machine(int(psutil.virtual_memory().available))
 
 
 def free_disk(path: str | None = None) -> int:
-    """Free bytes where ``offload`` writes the factors (the temporary directory)."""
-    return int(shutil.disk_usage(path or tempfile.gettempdir()).free)
+    """Free bytes where ``offload`` writes the factors (the temporary directory); data parallel, as
+    ``available_memory``."""
+    return current().share_of_machine(int(shutil.disk_usage(path or tempfile.gettempdir()).free))
 
 
 @dataclass(frozen=True)
