@@ -31,7 +31,7 @@ def main(params: dict) -> None:
         print(f"tune: {p.tune.nproc} processes finished; wrote {TUNED}")
         return
     masks, search_meta = load_masks(SEARCHED, with_metadata=True)
-    model = load_model(p.model)
+    model = load_model(p.model)  # on the CPU for the rearrangement; the tuning moves it to tune.device
     validate_masks(model, masks, str(SEARCHED))  # a mismatch names the file, not an internal variable
     report = {"rearrange": [], "lsq": {}}
 
@@ -59,9 +59,9 @@ def main(params: dict) -> None:
     if lsq:
         loader = calibration_loader(p.data.path("train_images"), p.data.path("train_captions"),
                                     CALIBRATION, model.preprocess, batch_size)
-        with data_parallel_stage():
-            masks, report["lsq"] = tune_masks(model, masks, loader, damp=damp, max_scale=max_scale,
-                                              batch_size=batch_size, progress=True)
+        with data_parallel_stage(p.tune.device, "tune.device") as ctx:
+            masks, report["lsq"] = tune_masks(model.to(ctx.device), masks, loader, damp=damp, max_scale=max_scale,
+                                              batch_size=batch_size, progress=True, precision=p.tune.precision)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0 writes nothing
         return
     wall = time.perf_counter() - start

@@ -270,3 +270,38 @@ def test_normal_equations_match_explicit_least_squares():
     damped = solve_scales(G, r, torch.ones(units), 10.0, lambda s: stats.error(G, r, s))
     assert damped.error_after <= damped.error_before  # damping around the start point never hurts
     assert float((damped.scales - 1).norm()) < float((solution.scales - 1).norm())
+
+
+def test_statistics_stay_float32_under_autocast():
+    """tune.precision's autocast rounds the forward passes, never the least-squares sums."""
+    gen = torch.Generator().manual_seed(1)
+    columns = torch.randn(8, 6, generator=gen)
+    features, residual = torch.randn(40, 6, generator=gen), torch.randn(40, 8, generator=gen)
+    plain, autocast = LeastSquaresStats(columns, 2), LeastSquaresStats(columns, 2)
+    plain.add(features, residual)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (features @ columns.t()).dtype == torch.bfloat16  # the context is live
+        autocast.add(features, residual)
+    assert torch.equal(plain.gram, autocast.gram) and torch.equal(plain.cross, autocast.cross)
+    assert plain.target_sq == autocast.target_sq
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_tunes_close_to_float32(tuned_case, precision):
+    model, images, tokens, masks, tuned, report = tuned_case
+    seen = []  # the dtype of the stream entering each block: kept in the low precision between blocks
+    handles = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+               for tower in model.towers.values() for block in tower.blocks()[1:]]
+    try:
+        low, low_report = tune_masks(model, masks, (images, tokens), batch_size=5, damp=1e-3, precision=precision)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {getattr(torch, precision)}
+    assert low_report["precision"] == precision and "precision" not in report
+    assert [e["status"] for e in low_report["layers"]] == [e["status"] for e in report["layers"]]
+    for key, mask in tuned.items():
+        assert torch.equal(low[key] == 0, mask == 0)  # the same units kept
+        torch.testing.assert_close(low[key], mask, atol=0.05, rtol=0.05)  # scales within bf16's rounding
+    with pytest.raises(ParamError, match="tune.precision must be one of float32, bfloat16, float16; got 'int8'"):
+        tune_masks(model, masks, (images, tokens), precision="int8")

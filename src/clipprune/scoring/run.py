@@ -20,6 +20,7 @@ from clipprune.data.coco import CocoCaptions, collate_image_caption_pairs
 from clipprune.errors import ClipPruneError, ParamError
 from clipprune.io import read_safetensors, save_safetensors
 from clipprune.models.base import ClipModel
+from clipprune.models.precision import AUTOCAST_DTYPES, autocast_forward
 
 from .losses import get_loss
 from .registry import GRADS_SUFFIX, ScoreResult, get_criterion
@@ -52,22 +53,8 @@ def _check_batches(loader, loss: str) -> None:
                          f"score.batch_size or calibrate.num_samples")
 
 
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextlib.contextmanager
-def autocast_forward(model: ClipModel, precision: str) -> Iterator[None]:
-    """Inside: the model's forward passes in ``precision`` (torch autocast on its device); ``float32``: as is.
-
-    The masks stay float32 leaves, so their gradients (and the Fisher sums over them, in float64) are float32
-    whatever the precision of the activations.
-    """
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
-        yield
+PRECISIONS = AUTOCAST_DTYPES  # score.precision: float32 | bfloat16 | float16 (the masks stay float32 leaves, so
+# their gradients, and the Fisher sums over them in float64, are float32 whatever the activations' precision)
 
 
 @contextlib.contextmanager

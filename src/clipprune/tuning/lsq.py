@@ -54,6 +54,7 @@ from ..distributed import current as data_parallel_context
 from ..errors import DataError, ParamError
 from ..models.base import ClipModel, EncoderTower
 from ..models.masks import mask_key, parse_mask_key, validate_masks
+from ..models.precision import AUTOCAST_DTYPES, autocast_forward, full_precision
 from ..models.prune import prune_model
 from ..progress import progress_bar
 from ..models.blocks import BlockCall, capture_block_input
@@ -94,12 +95,15 @@ class LeastSquaresStats:
 
     @torch.no_grad()
     def add(self, features: torch.Tensor, residual: torch.Tensor) -> None:
-        """Add tokens: ``features`` ``[tokens, features]`` of the kept units, ``residual`` ``[tokens, hidden]``."""
-        features, residual = features.float(), residual.float()
-        self.gram += (features.t() @ features).double()
-        projected = residual @ self.columns  # [tokens, features]: Wᵀ R per token
-        self.cross += (features * projected).sum(0).view(self.units, self.group).sum(1).double()
-        self.target_sq += float(residual.double().pow(2).sum())
+        """Add tokens: ``features`` ``[tokens, features]`` of the kept units, ``residual`` ``[tokens, hidden]``.
+
+        In float32 even under ``tune.precision``'s autocast (activations in bf16 / fp16 are widened first)."""
+        with full_precision(self.columns.device):
+            features, residual = features.float(), residual.float()
+            self.gram += (features.t() @ features).double()
+            projected = residual @ self.columns  # [tokens, features]: Wᵀ R per token
+            self.cross += (features * projected).sum(0).view(self.units, self.group).sum(1).double()
+            self.target_sq += float(residual.double().pow(2).sum())
         self.tokens += features.shape[0]
 
     def reduce(self) -> None:
@@ -186,7 +190,7 @@ class _Settings:
 
 def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], loader_or_inputs, *,
                towers=None, damp: float = 1e-2, max_scale: float = 10.0, batch_size: int = 32,
-               progress: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+               progress: bool = False, precision: str = "float32") -> tuple[dict[str, torch.Tensor], dict]:
     """Tune the kept units' scales of ``student_masks`` layer by layer against the dense ``teacher``.
 
     ``loader_or_inputs``: an iterable of ``(images, captions)`` batches (captions as strings or token
@@ -200,8 +204,13 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
     layer and kind (``status`` accepted / rejected / skipped, ``error_before`` / ``error_after`` as
     mean squared error per token, ``target_energy`` the per-token error with every kept unit removed,
     ``max_abs_scale``, ``lambda``, ``kept``, ``tokens``, ``reason``).
-    The teacher's weights are not modified.
+    ``precision``: ``float32``, or ``bfloat16`` / ``float16`` autocast of the teacher's and student's forward
+    passes, with their residual streams kept between blocks in that dtype (half the memory of float32, the
+    tuning's largest); the least-squares sums stay float32 / float64 and the solves float64. The teacher's weights are not modified.
     """
+    if precision not in AUTOCAST_DTYPES:
+        raise ParamError(f"tune.precision must be one of {', '.join(AUTOCAST_DTYPES)}; got {precision!r}")
+    stream_dtype = AUTOCAST_DTYPES[precision]  # the teacher's and student's streams between blocks, kept in it
     start_time = time.perf_counter()
     validate_masks(teacher, student_masks, "student_masks")
     settings = _Settings(damp=float(damp), max_scale=float(max_scale))  # checked with params.yaml (config)
@@ -215,13 +224,13 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
     entries: list[dict] = []
     samples = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_forward(teacher, precision):
             data = {tower: _TowerData() for tower in tower_names}
             for batch in iter_tower_batches(teacher, loader_or_inputs, tower_names, batch_size):
                 for tower, tower_batch in batch.items():
                     hidden, call = capture_block_input(teacher, tower, tower_batch.inputs)
                     data[tower].calls.append(call)
-                    data[tower].hidden.append(hidden)
+                    data[tower].hidden.append(_stored(hidden, stream_dtype))
                     data[tower].valid.append(tower_batch.valid)
                 samples += next(iter(batch.values())).inputs.shape[0] if batch else 0
             ctx = data_parallel_context()
@@ -234,7 +243,8 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
             bar = _progress_bar(total_layers, progress)
             try:
                 for tower in tower_names:
-                    entries += _tune_tower(teacher, student, tower, data.pop(tower), current, settings, bar)
+                    entries += _tune_tower(teacher, student, tower, data.pop(tower), current, settings, bar,
+                                           stream_dtype)
             finally:
                 bar.close()
     finally:
@@ -251,6 +261,8 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
         "rejected": sum(e["status"] == "rejected" for e in entries),
         "wall_time_s": round(time.perf_counter() - start_time, 3),
     }
+    if precision != "float32":  # float32 runs keep their report byte-identical to before the option existed
+        report["precision"] = precision
     return tuned, report
 
 
@@ -258,8 +270,14 @@ def _progress_bar(total: int, enabled: bool):
     return progress_bar(total=total, desc="tune", unit="layer", enabled=enabled)
 
 
+def _stored(hidden: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A residual stream as kept between blocks: in ``tune.precision``'s dtype (None: as computed)."""
+    return hidden if dtype is None else hidden.to(dtype)
+
+
 def _tune_tower(teacher: ClipModel, student: ClipModel, tower_name: str, data: _TowerData,
-                masks: dict[str, torch.Tensor], settings: _Settings, bar) -> list[dict]:
+                masks: dict[str, torch.Tensor], settings: _Settings, bar,
+                stream_dtype: torch.dtype | None = None) -> list[dict]:
     """Tune one tower's masks in place; ``student`` is ``teacher`` physically pruned by ``masks``.
 
     The pruned student computes exactly what the masked teacher computes (its ``out_proj`` / second MLP
@@ -292,7 +310,7 @@ def _tune_tower(teacher: ClipModel, student: ClipModel, tower_name: str, data: _
                 teacher_out = call.run(parts.block, teacher_x[b])
             if b == 0:
                 verify_block_structure(parts, teacher_x[b], seen, teacher_out, where)
-            teacher_x[b] = teacher_out
+            teacher_x[b] = _stored(teacher_out, stream_dtype)
             if head_stats is None:
                 continue
             with record_input(student_parts.out_proj, seen, "ctx", stop=True):
@@ -325,7 +343,7 @@ def _tune_tower(teacher: ClipModel, student: ClipModel, tower_name: str, data: _
                 else:
                     with record_input(student_parts.fc2, seen, "a", stop=True):
                         run_until_stop(call, student_parts.block, student_x[b])
-            student_x[b] = seen["z"]
+            student_x[b] = _stored(seen["z"], stream_dtype)
             if neuron_stats is None:
                 continue
             residual = token_rows(teacher_x[b] - seen["z"], data.valid[b], call.seq_first)
@@ -341,7 +359,7 @@ def _tune_tower(teacher: ClipModel, student: ClipModel, tower_name: str, data: _
 
         # propagate the student through the MLP half with this layer's final scales
         for b in range(len(data.calls)):
-            student_x[b] = mlp_branch(student_parts, student_x[b])
+            student_x[b] = _stored(mlp_branch(student_parts, student_x[b]), stream_dtype)
         bar.update(1)
     return entries
 
