@@ -51,7 +51,7 @@ KL_PAIRS = ("image_text", "image_image")
 DEVICES = ("auto", "cpu", "cuda")
 MASK_TYPES = ("unstructured", "block4", "N:M")
 FISHER_DTYPES = ("float32", "float64")
-PRECISIONS = ("float32", "bfloat16", "float16")  # score.precision: autocast dtype of the forward passes
+PRECISIONS = ("float32", "bfloat16", "float16")  # score/tune.precision: autocast dtype of the forward passes
 REFERENCE_BATCH = 256  # distill lr scaling: base_lr is the rate for a global batch of 256
 
 # Upper bounds: what could exhaust memory or overflow. Generous for real runs (COCO has 591,753 train
@@ -467,6 +467,8 @@ class TuneSection(_Section):
     max_scale: Positive
     batch_size: BatchSize
     nproc: NProc = 1                # data-parallel processes under torchrun (LSQ statistics all-reduced)
+    device: _choice_type(*DEVICES) = "cpu"
+    precision: _choice_type(*PRECISIONS) = "float32"  # autocast of the forward passes; LSQ sums stay float32/64
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -825,6 +827,7 @@ class SparsitySection(_Section):
     hessian_damp: _typed(float, _float(0.0, low_open=True)) = 0.01
     num_recomputations: _typed(int, _sparsity_int(1, RECOMPUTATIONS_MAX)) = 1
     options: _typed(dict, _mapping("loss options")) = {}
+    nproc: NProc = 1                # data-parallel processes under torchrun (calibration batches; not in the artifact)
 
     @model_validator(mode="after")
     def _steps_need_a_target(self):
