@@ -117,6 +117,8 @@ def main() -> None:
     for item in args.gradual:
         key, _, value = item.partition("=")
         raw["gradual"] = {**raw["gradual"], key: yaml.safe_load(value)}
+    if args.json:  # a relative path names a file of the calling directory, not of --data-root
+        args.json = os.path.abspath(args.json)
     os.chdir(args.data_root)
     os.environ.setdefault("CLIPPRUNE_FIXTURES", str(REPO / "data" / "fixtures"))  # as the stages set it
     rows = []
