@@ -53,10 +53,6 @@ def _check_batches(loader, loss: str) -> None:
                          f"score.batch_size or calibrate.num_samples")
 
 
-PRECISIONS = AUTOCAST_DTYPES  # score.precision: float32 | bfloat16 | float16 (the masks stay float32 leaves, so
-# their gradients, and the Fisher sums over them in float64, are float32 whatever the activations' precision)
-
-
 @contextlib.contextmanager
 def checkpointed_blocks(model: ClipModel) -> Iterator[None]:
     """Inside: every block of every tower runs under ``torch.utils.checkpoint`` (non-reentrant).
@@ -94,8 +90,9 @@ def score_model(model: ClipModel, loader, *, criterion: str, loss: str | None = 
     each block in the backward instead of keeping its activations (``checkpointed_blocks``). Under an active
     ``clipprune.distributed.data_parallel`` context the gradient criteria shard the batches over the processes.
     """
-    if precision not in PRECISIONS:
-        raise ParamError(f"score.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    # the masks stay float32 leaves under autocast: their gradients (and the Fisher sums, float64) stay float32
+    if precision not in AUTOCAST_DTYPES:
+        raise ParamError(f"score.precision must be one of {', '.join(AUTOCAST_DTYPES)}; got {precision!r}")
     fn = get_criterion(criterion)  # the registered criterion checks towers, granularity, loss and options
     if fn.needs_data:
         if loss is None:

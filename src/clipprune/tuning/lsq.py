@@ -206,7 +206,8 @@ def tune_masks(teacher: ClipModel, student_masks: Mapping[str, torch.Tensor], lo
     ``max_abs_scale``, ``lambda``, ``kept``, ``tokens``, ``reason``).
     ``precision``: ``float32``, or ``bfloat16`` / ``float16`` autocast of the teacher's and student's forward
     passes, with their residual streams kept between blocks in that dtype (half the memory of float32, the
-    tuning's largest); the least-squares sums stay float32 / float64 and the solves float64. The teacher's weights are not modified.
+    tuning's largest); the least-squares sums stay float32 / float64 and the solves float64.
+    The teacher's weights are not modified.
     """
     if precision not in AUTOCAST_DTYPES:
         raise ParamError(f"tune.precision must be one of {', '.join(AUTOCAST_DTYPES)}; got {precision!r}")
